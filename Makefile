@@ -1,0 +1,46 @@
+# One-command setup on a fresh machine: `make demo` and `make test` create .venv, install the pinned
+# dependencies, build the C++ extension, then run. Everything else is a helper target.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.package-installed
+CSRC   := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt setup.py
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench build venv clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q -U pip setuptools wheel
+
+$(DEPS): requirements/base.txt requirements/test.txt | $(PY)
+	$(PIP) install -r requirements/test.txt
+	touch $@
+
+# Editable install once (registers the package and the CLI); later C++ edits rebuild in place.
+$(BUILT): $(DEPS) $(CSRC)
+	flock .build.lock $(PIP) install --no-build-isolation --no-deps -e . \
+	  || { echo "build failed: see the CMake output above"; exit 1; }
+	flock .build.lock $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+venv: $(DEPS)
+build: $(BUILT)
+
+demo: $(BUILT)
+	$(VENV)/bin/videocom-fast demo
+
+test: $(BUILT)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(BUILT)
+	$(PY) -m pytest tests -m "not slow" -x $(PYTEST_ARGS)
+
+bench: $(BUILT)
+	mkdir -p runs/bench
+	$(PY) -m pytest bench --benchmark-only --benchmark-json=runs/bench/bench.json $(PYTEST_ARGS)
+	$(PY) -m videocom_fast.cli report-bench runs/bench/bench.json
+
+clean:
+	rm -rf build _skbuild *.egg-info videocom_fast/_C*.so $(BUILT)
