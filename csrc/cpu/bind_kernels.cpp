@@ -1,4 +1,113 @@
-// Placeholder registration; replaced by the component's real bindings.
+// Python bindings of the CPU kernels (videocom_fast._C). Torch-free: buffers arrive as numpy arrays (zero-copy
+// views of torch tensors); every check that protects the kernel from a bad buffer lives here.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "check.h"
+#include "crop_resize_patchify.h"
+
 namespace py = pybind11;
-void register_kernels(py::module_& m) { (void)m; }
+
+namespace {
+
+std::string at(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
+void check_rgb_u8(const py::array& a, const std::string& name, int ndim) {
+  VCF_CHECK(a.dtype().kind() == 'u' && a.itemsize() == 1, name + ": expected uint8");
+  VCF_CHECK(a.ndim() == ndim, name + ": expected " + std::to_string(ndim) + " dims, got " + std::to_string(a.ndim()));
+  VCF_CHECK(a.shape(ndim - 1) == 3, name + ": expected 3 channels in the last dim");
+  VCF_CHECK(a.strides(ndim - 1) == 1 && a.strides(ndim - 2) == 3,
+            name + ": pixels must be contiguous RGB (strides (..., 3, 1))");
+  for (int d = 0; d < ndim; ++d) VCF_CHECK(a.strides(d) >= 0, name + ": negative strides are not supported");
+}
+
+// Fused crop -> resize -> normalize -> patchify of many items into one pixel_values buffer (one launch).
+void crop_resize_patchify(const std::vector<py::array>& frames, const std::vector<std::tuple<int, int, int, int>>& boxes,
+                          const std::vector<std::tuple<int, int>>& sizes, const std::vector<int>& modes,
+                          const py::array& lut, py::array& out) {
+  const size_t n = frames.size();
+  VCF_CHECK(boxes.size() == n && sizes.size() == n && modes.size() == n,
+            "crop_resize_patchify: frames, boxes, sizes and modes must have the same length");
+  const int elem = (int)out.itemsize();
+  VCF_CHECK((elem == 4 && out.dtype().kind() == 'f') || (elem == 2 && (out.dtype().kind() == 'u' || out.dtype().kind() == 'i')),
+            "out: expected float32 or 16-bit (bf16/fp16 bit patterns) elements");
+  VCF_CHECK(lut.itemsize() == elem && lut.dtype().kind() == out.dtype().kind(), "lut: dtype must match out");
+  VCF_CHECK(lut.ndim() == 2 && lut.shape(0) == 3 && lut.shape(1) == 256 && (lut.flags() & py::array::c_style),
+            "lut: expected a contiguous (3, 256) array");
+  VCF_CHECK(out.ndim() == 2 && out.shape(1) == vcf::kPatchDim && (out.flags() & py::array::c_style) && out.writeable(),
+            "out: expected a writable contiguous (rows, 1176) array");
+  std::vector<vcf::MediaItem> items(n);
+  int64_t rows = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const py::array& f = frames[i];
+    check_rgb_u8(f, at("frames", i), 4);
+    auto [x1, y1, x2, y2] = boxes[i];
+    auto [oh, ow] = sizes[i];
+    VCF_CHECK(f.shape(0) >= 1, at("frames", i) + ": no frames");
+    VCF_CHECK(0 <= x1 && x1 < x2 && x2 <= f.shape(2) && 0 <= y1 && y1 < y2 && y2 <= f.shape(1),
+              at("boxes", i) + ": empty or outside the frame");
+    VCF_CHECK(oh > 0 && ow > 0 && oh % vcf::kWindow == 0 && ow % vcf::kWindow == 0,
+              at("sizes", i) + ": output sides must be positive multiples of 28");
+    VCF_CHECK(modes[i] == vcf::kPil || modes[i] == vcf::kTorch, at("modes", i) + ": expected 0 (pil) or 1 (torch)");
+    vcf::MediaItem& it = items[i];
+    it.src = static_cast<const uint8_t*>(f.data()) + y1 * f.strides(1) + x1 * 3;
+    it.frame_stride = f.strides(0);
+    it.row_stride = f.strides(1);
+    it.num_frames = (int)f.shape(0);
+    it.in_h = y2 - y1;
+    it.in_w = x2 - x1;
+    it.out_h = oh;
+    it.out_w = ow;
+    it.mode = modes[i];
+    it.row_offset = rows;
+    rows += vcf::item_rows(it);
+  }
+  VCF_CHECK(out.shape(0) == rows, "out: expected " + std::to_string(rows) + " rows, got " + std::to_string(out.shape(0)));
+  const void* lut_ptr = lut.data();
+  void* out_ptr = out.mutable_data();
+  py::gil_scoped_release release;
+  vcf::crop_resize_patchify_cpu(items, lut_ptr, out_ptr, elem);
+}
+
+py::array_t<uint8_t> resize_uint8(const py::array& image, int out_h, int out_w, int mode) {
+  check_rgb_u8(image, "image", 3);
+  VCF_CHECK(out_h > 0 && out_w > 0, "out_h/out_w: must be positive");
+  VCF_CHECK(image.shape(0) > 0 && image.shape(1) > 0, "image: empty");
+  VCF_CHECK(mode == vcf::kPil || mode == vcf::kTorch, "mode: expected 0 (pil) or 1 (torch)");
+  py::array_t<uint8_t> out({(py::ssize_t)out_h, (py::ssize_t)out_w, (py::ssize_t)3});
+  const uint8_t* src = static_cast<const uint8_t*>(image.data());
+  int64_t stride = image.strides(0);
+  int in_h = (int)image.shape(0), in_w = (int)image.shape(1);
+  uint8_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    vcf::resize_uint8_cpu(src, stride, in_h, in_w, out_h, out_w, mode, dst);
+  }
+  return out;
+}
+
+py::tuple resample_axis(int mode, int in, int out) {
+  VCF_CHECK(in > 0 && out > 0, "in/out: must be positive");
+  VCF_CHECK(mode == vcf::kPil || mode == vcf::kTorch, "mode: expected 0 (pil) or 1 (torch)");
+  vcf::AxisPlan p = vcf::make_axis_plan(mode, in, out);
+  py::array_t<int32_t> first(p.out, p.first.data()), size(p.out, p.size.data());
+  py::array_t<int32_t> w({(py::ssize_t)p.out, (py::ssize_t)p.taps}, p.w.data());
+  return py::make_tuple(first, size, w, p.precision);
+}
+
+}  // namespace
+
+void register_kernels(py::module_& m) {
+  m.def("crop_resize_patchify", &crop_resize_patchify, py::arg("frames"), py::arg("boxes"), py::arg("sizes"),
+        py::arg("modes"), py::arg("lut"), py::arg("out"),
+        "Fused crop -> resize -> normalize -> patchify of uint8 (T, H, W, 3) items into out (rows, 1176).");
+  m.def("resize_uint8", &resize_uint8, py::arg("image"), py::arg("out_h"), py::arg("out_w"), py::arg("mode"),
+        "Resize one uint8 (H, W, 3) image with PIL (mode 0) or ATen antialiased (mode 1) bicubic arithmetic.");
+  m.def("resample_axis", &resample_axis, py::arg("mode"), py::arg("in_size"), py::arg("out_size"),
+        "Fixed-point taps of one axis: (first, size, weights (out, taps) int32, precision).");
+}

@@ -1,0 +1,59 @@
+"""Driving the model piecewise (vision tower, scatter, language model with explicit positions) equals the
+model's own forward, and chunked fp32 log-probs equal a full log-softmax."""
+import pytest
+import torch
+
+from videocom_fast import modeling
+from videocom_fast.chat import ChatTokens
+from videocom_fast.mrope import install_original_rope_index, mm_token_type_ids, sequence_positions
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from videocom_fast.models import build_tiny, load
+    model, proc = load(build_tiny(tmp_path_factory.mktemp("tiny")), dtype=torch.float64)
+    install_original_rope_index(model)
+    return model, proc
+
+
+def test_piecewise_forward_equals_model_forward(tiny):
+    model, proc = tiny
+    torch.manual_seed(0)
+    chat = ChatTokens(proc.tokenizer)
+    vid = proc.video_processor(videos=[torch.randint(0, 256, (4, 3, 56, 84), dtype=torch.uint8)],
+                               min_pixels=28 * 28, max_pixels=56 * 84, return_tensors="pt",
+                               do_sample_frames=False)
+    img = proc.image_processor(images=[torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8)],
+                               min_pixels=28 * 28, max_pixels=56 * 84, return_tensors="pt")
+    nv = int(vid["video_grid_thw"][0].prod()) // 4
+    ni = int(img["image_grid_thw"][0].prod()) // 4
+    ids = chat.prompt("What is shown?", [("video", nv)]) + chat.assistant("FIND_FRAME(x) = [3]")
+    ids += chat.user("Continue solving the question with the selected frame.", [("image", ni)])
+    ids_L = torch.tensor(ids)
+    types = mm_token_type_ids(ids_L, chat.image_pad, chat.video_pad)
+    sgt = torch.tensor([0.5], dtype=torch.float64)
+    pos = sequence_positions(types, img["image_grid_thw"], vid["video_grid_thw"], sgt)
+
+    ref = model(input_ids=ids_L[None], mm_token_type_ids=types[None],
+                pixel_values=img["pixel_values"].double(), image_grid_thw=img["image_grid_thw"],
+                pixel_values_videos=vid["pixel_values_videos"].double(), video_grid_thw=vid["video_grid_thw"],
+                second_per_grid_ts=sgt).logits[0]
+
+    feats_v = modeling.vision_embeds(model, vid["pixel_values_videos"].double(), vid["video_grid_thw"], video=True)
+    feats_i = modeling.vision_embeds(model, img["pixel_values"].double(), img["image_grid_thw"], video=False)
+    x = modeling.embed(model, ids_L, feats_v + feats_i)  # sequence order: video block, then image block
+    h = modeling.text_forward(model, x[None], pos[:, None, :])[0]
+    ours = modeling.lm_head(model)(h)
+    assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+
+    lp = modeling.chunked_token_logprobs(model, h[:-1], ids_L[1:], temperature=0.7, chunk=5)
+    full = torch.log_softmax(ref[:-1].float() / 0.7, -1).gather(-1, ids_L[1:, None]).squeeze(-1)
+    assert torch.allclose(lp, full, atol=1e-5)
+
+
+def test_embed_rejects_wrong_feature_count(tiny):
+    model, proc = tiny
+    chat = ChatTokens(proc.tokenizer)
+    ids = torch.tensor(chat.user("x", [("image", 4)]))
+    with pytest.raises(ValueError, match="4 media pad tokens but 3"):
+        modeling.embed(model, ids, [torch.zeros(3, 128, dtype=torch.float64)])
