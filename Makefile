@@ -40,7 +40,7 @@ test-fast: $(BUILT)
 bench: $(BUILT)
 	mkdir -p runs/bench
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=runs/bench/bench.json $(PYTEST_ARGS)
-	$(PY) -m videocom_fast.cli report-bench runs/bench/bench.json
+	$(PY) -m videocom_fast.benchtable runs/bench/bench.json
 
 clean:
 	rm -rf build _skbuild *.egg-info videocom_fast/_C*.so $(BUILT)

@@ -19,7 +19,7 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // One binary for every x86-64: the loader picks the widest ISA this CPU has for the hot loops.
-#define VCF_CLONES __attribute__((target_clones("avx512bw", "avx2", "default")))
+#define VCF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VCF_CLONES
 #endif

@@ -3,6 +3,6 @@
     from videocom_fast.media import open_video, VideoSource, FrameCache
 """
 from .cache import FrameCache
-from .decode import VideoSource, available_backends, open_video, probe
+from .decode import VideoError, VideoSource, available_backends, open_video, probe
 
-__all__ = ["open_video", "VideoSource", "FrameCache", "probe", "available_backends"]
+__all__ = ["open_video", "VideoSource", "VideoError", "FrameCache", "probe", "available_backends"]

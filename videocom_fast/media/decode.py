@@ -59,8 +59,12 @@ class VideoInfo:
     header_frames: int = 0                                       # what the container claims (may lie)
 
 
-def _fail(path, what) -> ValueError:
-    return ValueError(f"video {path!r}: {what}")
+class VideoError(ValueError):
+    """A video that cannot serve what was asked: missing, truncated, corrupt, or an unsupported codec."""
+
+
+def _fail(path, what) -> VideoError:
+    return VideoError(f"video {path!r}: {what}")
 
 
 def probe(path) -> VideoInfo:
@@ -77,10 +81,13 @@ def probe(path) -> VideoInfo:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             ctx = stream.codec_context
+            declared_s = _declared_seconds(container, stream)
             pts_list, key_pts, counter = [], set(), 0
             for packet in container.demux(stream):
                 if packet.size == 0:  # flush packet
                     continue
+                if packet.is_corrupt:  # a short read: the file ends inside this packet
+                    raise _fail(path, f"truncated or corrupt (packet {counter} is incomplete)")
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is None:  # no timestamps at all: presentation order == stream order
                     ts = counter
@@ -90,14 +97,20 @@ def probe(path) -> VideoInfo:
                     key_pts.add(ts)
             info = VideoInfo(path, len(pts_list), float(rate) if rate else 0.0, ctx.height, ctx.width,
                              ctx.name, header_frames=int(stream.frames or 0))
-    except ValueError:
+    except VideoError:
         raise
-    except Exception as e:  # noqa: BLE001 - PyAV raises many error types for broken files
+    except Exception as e:  # noqa: BLE001 - PyAV raises many error types (some are ValueErrors)
         raise _fail(path, f"cannot be read ({type(e).__name__}: {e})") from e
     if info.num_frames == 0:
         raise _fail(path, "no video frames")
     if not info.fps > 0 or info.height <= 0 or info.width <= 0:
         raise _fail(path, f"bad stream parameters fps={info.fps} size={info.width}x{info.height}")
+    # NOTE: a header may claim any frame count (we count packets instead), but a container that
+    # declares a longer play time than the packets we found lost data: truncated or corrupt.
+    found_s = info.num_frames / info.fps
+    if declared_s is not None and declared_s > found_s + 2.0 / info.fps + 0.02 * declared_s:
+        raise _fail(path, f"truncated or corrupt: the container declares {declared_s:.2f} s of video "
+                          f"but holds {info.num_frames} frames ({found_s:.2f} s)")
     pts_sorted = sorted(pts_list)
     if len(set(pts_sorted)) != len(pts_sorted):  # duplicate timestamps: fall back to stream order
         pts_sorted = list(range(len(pts_list)))
@@ -106,6 +119,15 @@ def probe(path) -> VideoInfo:
     index_of = {p: i for i, p in enumerate(pts_sorted)}
     info.keyframes = sorted(index_of[p] for p in key_pts if p in index_of) or [0]
     return info
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """Play time the container declares for the video stream (None when it declares nothing usable)."""
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None and len(container.streams) == 1:  # other streams may run longer
+        return container.duration / 1e6
+    return None
 
 
 # --- the common interface -------------------------------------------------------------------------
@@ -157,7 +179,12 @@ class VideoSource:
             return torch.empty((0, self.height, self.width, 3), dtype=torch.uint8)
         uniq = sorted(set(idx))
         with self._lock:
-            frames_NHWC = self._decode_sorted(uniq)
+            try:
+                frames_NHWC = self._decode_sorted(uniq)
+            except VideoError:
+                raise
+            except Exception as e:  # noqa: BLE001 - decoder libraries raise many error types
+                raise _fail(self.path, f"decoding frames failed ({type(e).__name__}: {e})") from e
         if uniq == idx:
             return frames_NHWC
         pos = {f: k for k, f in enumerate(uniq)}
@@ -368,8 +395,13 @@ def choose_backend(codec: str, backend: str = "auto") -> str:
     return "pyav"
 
 
-def open_video(path, backend: str = "auto") -> VideoSource:
-    """Open `path` for exact random access. ValueError naming the file if it is missing or broken."""
+def open_video(path, backend: str = "auto", *, verify: str = "ends") -> VideoSource:
+    """Open `path` for exact random access. ValueError naming the file if it is missing or broken.
+
+    verify: "ends" (default) decodes the first and the last frame; "full" decodes every frame once
+    (catches corruption in the middle; costs a full decode); "none" trusts the demux scan."""
+    if verify not in ("none", "ends", "full"):
+        raise ValueError(f"verify: expected 'none', 'ends' or 'full', got {verify!r}")
     info = probe(path)
     name = choose_backend(info.codec, backend)
     try:
@@ -379,9 +411,12 @@ def open_video(path, backend: str = "auto") -> VideoSource:
             src = TorchCodecSource(info, device="cuda" if _cuda() else "cpu")
         else:
             src = DaliSource(info, device="mixed" if _cuda() else "cpu")
-        # decode the first and the last frame once: a corrupt or truncated file fails here, not mid-rollout
-        src.get_frames([0, info.num_frames - 1])
-    except ValueError:
+        # a corrupt or truncated file fails here, once, not in the middle of a rollout
+        if verify == "ends":
+            src.get_frames([0, info.num_frames - 1])
+        elif verify == "full":
+            _verify_full(src)
+    except VideoError:
         raise
     except ImportError as e:
         raise ValueError(f"backend {name!r} is not available: {e}") from e
@@ -390,5 +425,18 @@ def open_video(path, backend: str = "auto") -> VideoSource:
     return src
 
 
-__all__ = ["VideoSource", "VideoInfo", "PyAVSource", "TorchCodecSource", "DaliSource", "open_video",
+def _verify_full(src: VideoSource):
+    if isinstance(src, PyAVSource):  # decode without colour conversion: the cheapest full check
+        import av
+
+        with av.open(src.path) as container:
+            n = sum(1 for _ in container.decode(container.streams.video[0]))
+        if n != src.num_frames:
+            raise _fail(src.path, f"corrupt: {n} of {src.num_frames} frames decode")
+        return
+    for start in range(0, src.num_frames, 64):
+        src.get_frames(range(start, min(start + 64, src.num_frames)))
+
+
+__all__ = ["VideoError", "VideoSource", "VideoInfo", "PyAVSource", "TorchCodecSource", "DaliSource", "open_video",
            "probe", "choose_backend", "available_backends", "BACKENDS"]
