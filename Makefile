@@ -25,13 +25,23 @@ $(BUILT): $(DEPS) $(CSRC)
 	flock .build.lock $(PY) setup.py -q build_ext --inplace
 	touch $@
 
+# System packages: headless Chromium renders the HTML report in tests/test_report.py (skipped without it).
+SYSDEPS := $(VENV)/.sysdeps-installed
+$(SYSDEPS): | $(PY)
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "note: could not install chromium; the browser test of the report will be skipped"; \
+	else echo "note: chromium missing and no root apt-get; the browser test of the report will be skipped"; fi
+	touch $@
+
 venv: $(DEPS)
 build: $(BUILT)
 
 demo: $(BUILT)
 	$(VENV)/bin/videocom-fast demo
 
-test: $(BUILT)
+test: $(BUILT) $(SYSDEPS)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: $(BUILT)
