@@ -161,4 +161,4 @@ def test_pad_rows_keeps_gradient():
     out, mask = pad_rows(rows)
     assert out.shape == (3, 5) and mask.sum() == 8 and not mask[1].any()
     out.sum().backward()
-    assert all(torch.equal(r.grad, torch.ones_like(r)) for r in rows)
+    assert all(r.grad is not None and torch.equal(r.grad, torch.ones_like(r)) for r in rows)

@@ -19,9 +19,10 @@ def sample(answer="B. red", segs=(3,), frames=((40, 44),), boxes=((42, (100, 50,
             "valid_bounding_box": [[f, list(b)] for f, b in boxes], "frame_hw": (H, W)}
 
 
-def scaled(box):
-    rh, rw = smart_resize(H, W, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28)
-    return [int(round(v * (rw / W if k % 2 == 0 else rh / H))) for k, v in enumerate(box)]
+def scaled(box, hw=(H, W)):
+    h, w = hw
+    rh, rw = smart_resize(h, w, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28)
+    return [int(round(v * (rw / w if k % 2 == 0 else rh / h))) for k, v in enumerate(box)]
 
 
 GOLD_BOX = (100, 50, 140, 90)
@@ -143,9 +144,9 @@ def test_reasoning_defect5_frame_list_last_number():
 
 
 def test_reasoning_boxes_are_rescaled_and_iou_threshold():
-    s = sample(segs=(), frames=((42, 42),))
+    s = dict(sample(segs=(), frames=((42, 42),), boxes=((42, (400, 200, 560, 360)),)), frame_hw=(720, 1280))
     g = resized_gold_boxes(s)[42]
-    assert g == scaled(GOLD_BOX) and g != list(GOLD_BOX)
+    assert g == scaled((400, 200, 560, 360), (720, 1280)) and g != [400, 200, 560, 360]
     x1, y1, x2, y2 = g
     w = x2 - x1
     shifted = lambda d: (x1 + d, y1, x2 + d, y2)  # IoU = (w-d)/(w+d)
@@ -156,7 +157,7 @@ def test_reasoning_boxes_are_rescaled_and_iou_threshold():
         for mode in ("fixed", "reference"):
             assert reasoning_reward([comp], [s], reward_compat=mode) == [pytest.approx((1 + want) / 2)]
     # the unscaled original box is far off in the resized frame
-    comp = f"FIND_FRAME(x) = [42]\n{zoom_line(GOLD_BOX)}\nFINAL_ANSWER: B. red"
+    comp = f"FIND_FRAME(x) = [42]\n{zoom_line((400, 200, 560, 360))}\nFINAL_ANSWER: B. red"
     assert reasoning_reward([comp], [s]) == [pytest.approx(0.5)]
 
 

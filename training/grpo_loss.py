@@ -147,8 +147,7 @@ def pad_rows(rows: list[torch.Tensor], value: float = 0.0):
     if not rows:
         raise ValueError("pad_rows: no rows")
     T = max(1, max(r.shape[0] for r in rows))
-    out_BT = torch.nn.utils.rnn.pad_sequence([r if r.numel() else r.new_zeros(0) for r in rows],
-                                             batch_first=True, padding_value=value)
+    out_BT = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
     if out_BT.shape[1] < T:
         out_BT = torch.nn.functional.pad(out_BT, (0, T - out_BT.shape[1]), value=value)
     lengths = torch.tensor([r.shape[0] for r in rows])

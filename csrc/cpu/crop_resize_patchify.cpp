@@ -49,14 +49,32 @@ AxisPlan make_axis_plan(int mode, int in, int out) {
 }
 
 // --- the two passes -------------------------------------------------------------------------------------
-// Horizontal: one source row (in RGB pixels) -> one row of out pixels.
+// Horizontal: one source row (in RGB pixels) -> one row of out pixels. A pixel's three channels ride in one
+// 4 x int32 vector (the 4th lane reads the next pixel's first byte and is discarded), so one multiply-add per
+// tap serves all channels; output pixels whose last tap touches the row's last pixel take the scalar path
+// (the 4-byte load would read past the row).
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef uint8_t v4u8 __attribute__((vector_size(4)));
+
 VCF_CLONES static void hpass_row(const uint8_t* src, const int32_t* first, const int32_t* size,
-                                 const int32_t* w, int taps, int out, int precision, uint8_t* dst) {
+                                 const int32_t* w, int taps, int in, int out, int precision, uint8_t* dst) {
   const int32_t half = fixed_half(precision);
   for (int ox = 0; ox < out; ++ox) {
     const uint8_t* s = src + 3 * first[ox];
     const int32_t* k = w + (size_t)ox * taps;
     const int n = size[ox];
+    if (first[ox] + n < in) {
+      v4i acc = {half, half, half, half};
+      for (int j = 0; j < n; ++j) {
+        v4u8 px;
+        std::memcpy(&px, s + 3 * j, 4);
+        acc += k[j] * __builtin_convertvector(px, v4i);
+      }
+      dst[3 * ox + 0] = clip8(acc[0], precision);
+      dst[3 * ox + 1] = clip8(acc[1], precision);
+      dst[3 * ox + 2] = clip8(acc[2], precision);
+      continue;
+    }
     int32_t a0 = half, a1 = half, a2 = half;
     for (int j = 0; j < n; ++j) {
       a0 += k[j] * s[3 * j + 0];
@@ -90,12 +108,25 @@ struct Scratch {
   std::vector<int32_t> acc;
 };
 
-// Resized rows [y0, y0 + n) of one frame into `band` (n x out_w x 3).
+// Resized rows [y0, y0 + n) of one frame into `band` (n x out_w x 3), passes in the library's order.
 void resize_band(const MediaItem& it, const AxisPlan& ph, const AxisPlan& pv, int frame, int y0, int n,
                  Scratch& s, uint8_t* band) {
   const uint8_t* src = it.src + (int64_t)frame * it.frame_stride;
   const int width = it.out_w * 3;
-  // input rows the band needs
+  if (!pv.identity && !ph.identity && vertical_first(it.mode, it.in_h, it.in_w, it.out_h, it.out_w)) {
+    // vertical pass over the full input width for the band's n rows, then each row horizontally
+    const int in_width = it.in_w * 3;
+    s.hrows.resize((size_t)n * in_width);
+    s.acc.resize(in_width);
+    for (int y = y0; y < y0 + n; ++y)
+      vpass_row(src + (int64_t)pv.first[y] * it.row_stride, it.row_stride, &pv.w[(size_t)y * pv.taps],
+                pv.size[y], in_width, pv.precision, s.acc.data(), &s.hrows[(size_t)(y - y0) * in_width]);
+    for (int y = 0; y < n; ++y)
+      hpass_row(&s.hrows[(size_t)y * in_width], ph.first.data(), ph.size.data(), ph.w.data(), ph.taps, ph.in, ph.out,
+                ph.precision, band + (size_t)y * width);
+    return;
+  }
+  // horizontal first: the input rows the band's vertical taps need
   int lo = y0, hi = y0 + n;
   if (!pv.identity) {
     lo = pv.first[y0];
@@ -110,7 +141,7 @@ void resize_band(const MediaItem& it, const AxisPlan& ph, const AxisPlan& pv, in
   } else {
     s.hrows.resize((size_t)(hi - lo) * width);
     for (int r = lo; r < hi; ++r)
-      hpass_row(src + (int64_t)r * it.row_stride, ph.first.data(), ph.size.data(), ph.w.data(), ph.taps,
+      hpass_row(src + (int64_t)r * it.row_stride, ph.first.data(), ph.size.data(), ph.w.data(), ph.taps, ph.in,
                 ph.out, ph.precision, &s.hrows[(size_t)(r - lo) * width]);
     hbase = s.hrows.data();
     hstride = width;

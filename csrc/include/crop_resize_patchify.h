@@ -4,8 +4,8 @@
 // (csrc/cuda/crop_resize_patchify.cu), so the CPU tests check the GPU's arithmetic too.
 //
 // The resize is exact emulation of two resamplers the model's data went through:
-//   kPil   Pillow's Image.resize(BICUBIC) on uint8 RGB (libImaging/Resample.c): separable, horizontal pass
-//          first, double weights normalised per output pixel, then fixed point with 22 fraction bits,
+//   kPil   Pillow's Image.resize(BICUBIC) on uint8 RGB (libImaging/Resample.c): separable (pass order in
+//          vertical_first below), double weights normalised per output pixel, then fixed point with 22 fraction bits,
 //          accumulator starts at 1/2, result = clamp(acc >> 22, 0, 255) (uint8 between the passes).
 //   kTorch ATen's _upsample_bicubic2d_aa on uint8 (what torchvision's resize(antialias=True) runs on CPU;
 //          UpSampleKernel.cpp _compute_index_ranges_int16_weights, derived from Pillow-SIMD): the same bounds,
@@ -119,6 +119,13 @@ VCF_HD int32_t fixed_half(int precision) { return (int32_t)1 << (precision - 1);
 VCF_HD uint8_t clip8(int32_t acc, int precision) {
   int32_t v = acc >> precision;  // arithmetic shift: floor, as PIL's lookup and ATen's srai do
   return (uint8_t)(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+// Pass order. ATen always runs horizontal then vertical. Pillow >= 13 runs the vertical pass first when the
+// height shrinks by more than twice as many pixels as the width does (ImagingResampleInner); older Pillow was
+// always horizontal first. The order matters for exactness because of the uint8 rounding between passes.
+VCF_HD bool vertical_first(int mode, int in_h, int in_w, int out_h, int out_w) {
+  return mode == kPil && (in_h - out_h) > 0 && (in_h - out_h) > (in_w - out_w) * 2;
 }
 
 // --- merge-window layout ------------------------------------------------------------------------------------

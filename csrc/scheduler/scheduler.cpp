@@ -34,9 +34,6 @@ Scheduler::Scheduler(const SchedulerConfig& config) : cfg_(config) {
   ref_.assign(static_cast<size_t>(cfg_.num_blocks), 0);
   limit_tokens_ = cfg_.max_num_batched_tokens;
   limit_seqs_ = cfg_.max_num_seqs;
-  for (const char* k : {"num_steps", "num_scheduled_tokens", "num_prefill_tokens", "num_decode_tokens",
-                        "num_preemptions", "num_forks", "num_fork_fallbacks", "num_kv_budget_finishes"})
-    stats_[k] = 0;
 }
 
 // --- queries -------------------------------------------------------------------------------------------
@@ -94,7 +91,12 @@ int64_t Scheduler::block_ref_count(int64_t block_id) const {
 }
 
 std::map<std::string, int64_t> Scheduler::stats() const {
-  auto out = stats_;
+  const Counters& c = stats_;
+  std::map<std::string, int64_t> out{
+      {"num_steps", c.num_steps}, {"num_scheduled_tokens", c.num_scheduled_tokens},
+      {"num_prefill_tokens", c.num_prefill_tokens}, {"num_decode_tokens", c.num_decode_tokens},
+      {"num_preemptions", c.num_preemptions}, {"num_forks", c.num_forks},
+      {"num_fork_fallbacks", c.num_fork_fallbacks}, {"num_kv_budget_finishes", c.num_kv_budget_finishes}};
   out["num_free_blocks"] = num_free_blocks();
   out["num_running"] = num_running();
   out["num_waiting"] = num_waiting();
@@ -186,8 +188,8 @@ std::vector<Fork> Scheduler::fork_ready(int64_t group_id) {
   }
   g.pending.clear();
   erase_value(forking_, group_id);
-  stats_["num_forks"] += static_cast<int64_t>(forks.size());
-  stats_["num_fork_fallbacks"] += static_cast<int64_t>(fallback.size());
+  stats_.num_forks += static_cast<int64_t>(forks.size());
+  stats_.num_fork_fallbacks += static_cast<int64_t>(fallback.size());
   waiting_.insert(waiting_.begin(), fallback.begin(), fallback.end());
   return forks;
 }
@@ -196,6 +198,7 @@ void Scheduler::append_tokens(int64_t seq_id, int64_t n) {
   Seq& s = get(seq_id, "append_tokens");
   require_at_least("n", n, 1);
   check_live(s, "append_tokens");
+  s.decode = n == 1 && s.num_tokens == s.num_computed;  // a token sampled from its last computed row
   s.num_tokens += n;
   s.awaiting_obs = false;
 }
@@ -216,7 +219,8 @@ void Scheduler::finish(int64_t seq_id) {
 // One engine step.
 // 0. Followers whose leader finished, or whose leader's prompt is computed but was never forked, stop waiting
 //    for it and recompute their prompt themselves (so nothing waits forever).
-// 1. Decodes first (1 token each), running sequences in admission order: they keep moving.
+// 1. Decodes first (1 token each: the token the engine just sampled), running sequences in admission order:
+//    they keep moving.
 // 2. Prefill chunks of running sequences (observations, or a prompt mid-way), admission order, each at most
 //    max_prefill_chunk tokens and the remaining budget. A chunk short of KV blocks shrinks to the free rows;
 //    with no free row left it preempts the most recently admitted resident sequence not scheduled this step
@@ -240,12 +244,12 @@ SchedulerOutput Scheduler::schedule() {
       Seq& s = seqs_[static_cast<size_t>(sid)];
       const int64_t pending = s.num_tokens - s.num_computed;
       if (!s.resident || s.awaiting_obs || pending == 0) continue;
-      const bool is_decode = pending == 1 && s.num_computed > 0;
+      const bool is_decode = pending == 1 && s.decode;
       if (is_decode != decode_phase) continue;
       if (too_big(s, out)) continue;
       int64_t n = is_decode ? 1 : std::min({pending, cfg_.max_prefill_chunk, budget});
       n = make_room(s, n, !is_decode, out);
-      if (n) budget -= schedule_chunk(s, n, out);
+      if (n) budget -= schedule_chunk(s, n, !is_decode, out);
     }
   }
   size_t i = 0;
@@ -268,18 +272,17 @@ SchedulerOutput Scheduler::schedule() {
     s.resident = true;
     running_.push_back(s.seq_id);
     reserved_ += seats - 1;
-    budget -= schedule_chunk(s, n, out);
+    budget -= schedule_chunk(s, n, true, out);
   }
-  stats_["num_steps"] += 1;
+  stats_.num_steps += 1;
   check_invariants(out);
   return out;
 }
 
-int64_t Scheduler::schedule_chunk(Seq& s, int64_t n, SchedulerOutput& out) {
+int64_t Scheduler::schedule_chunk(Seq& s, int64_t n, bool is_prefill, SchedulerOutput& out) {
   const int64_t start = s.num_computed;
   for (int64_t k = blocks_for(start + n) - static_cast<int64_t>(s.block_ids.size()); k > 0; --k)
     s.block_ids.push_back(alloc());
-  const bool is_prefill = !(n == 1 && start > 0 && s.num_tokens - start == 1);
   ScheduledSeq c;
   c.seq_id = s.seq_id;
   c.start = start;
@@ -291,8 +294,8 @@ int64_t Scheduler::schedule_chunk(Seq& s, int64_t n, SchedulerOutput& out) {
   out.num_batched_tokens += n;
   s.sched_step = step_;
   s.sched_tokens = n;
-  stats_["num_scheduled_tokens"] += n;
-  stats_[is_prefill ? "num_prefill_tokens" : "num_decode_tokens"] += n;
+  stats_.num_scheduled_tokens += n;
+  (is_prefill ? stats_.num_prefill_tokens : stats_.num_decode_tokens) += n;
   return n;
 }
 
@@ -321,7 +324,7 @@ bool Scheduler::too_big(Seq& s, SchedulerOutput& out) {
   if (blocks_for(s.num_tokens) <= cfg_.num_blocks) return false;
   finish_seq(s, "kv_budget");
   out.finished.push_back(s.seq_id);
-  stats_["num_kv_budget_finishes"] += 1;
+  stats_.num_kv_budget_finishes += 1;
   return true;
 }
 
@@ -345,6 +348,7 @@ void Scheduler::evict(Seq& s) {
   free_blocks(s);
   s.resident = false;
   s.num_computed = 0;
+  s.decode = false;
   erase_value(running_, s.seq_id);
   if (s.is_leader) reserved_ -= static_cast<int64_t>(groups_[group_index_.at(s.group_id)].pending.size());
 }
@@ -353,7 +357,7 @@ void Scheduler::preempt(Seq& s, SchedulerOutput& out) {
   evict(s);
   waiting_.push_front(s.seq_id);
   out.preempted.push_back(s.seq_id);
-  stats_["num_preemptions"] += 1;
+  stats_.num_preemptions += 1;
 }
 
 void Scheduler::finish_seq(Seq& s, const char* reason) {
@@ -382,7 +386,7 @@ void Scheduler::release_followers(Group& g) {
   if (seqs_[static_cast<size_t>(g.leader)].resident) reserved_ -= static_cast<int64_t>(g.pending.size());
   for (int64_t cid : g.pending) seqs_[static_cast<size_t>(cid)].awaiting_fork = false;
   waiting_.insert(waiting_.begin(), g.pending.begin(), g.pending.end());
-  stats_["num_fork_fallbacks"] += static_cast<int64_t>(g.pending.size());
+  stats_.num_fork_fallbacks += static_cast<int64_t>(g.pending.size());
   g.pending.clear();
   erase_value(forking_, g.group_id);
 }

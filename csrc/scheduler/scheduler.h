@@ -87,6 +87,7 @@ class Scheduler {
     bool resident = false, awaiting_obs = false, awaiting_fork = false, finished = false;
     std::string finish_reason;
     int64_t sched_step = -1, sched_tokens = 0;  // last step that scheduled it; tokens not yet updated
+    bool decode = false;  // its one pending token was just sampled (not a prompt remainder)
   };
   struct Group {
     int64_t group_id = 0, prompt_len = 0, leader = 0;
@@ -105,7 +106,7 @@ class Scheduler {
   void release_followers(Group& g);
   bool too_big(Seq& s, SchedulerOutput& out);
   int64_t make_room(Seq& s, int64_t n, bool shrink, SchedulerOutput& out);
-  int64_t schedule_chunk(Seq& s, int64_t n, SchedulerOutput& out);
+  int64_t schedule_chunk(Seq& s, int64_t n, bool is_prefill, SchedulerOutput& out);
   void check_invariants(const SchedulerOutput& out) const;
 
   SchedulerConfig cfg_;
@@ -120,7 +121,10 @@ class Scheduler {
   int64_t reserved_ = 0;          // seats held for followers of resident leaders
   int64_t step_ = 0;
   int64_t limit_tokens_, limit_seqs_;  // what the invariant check compares with (test hook lowers them)
-  std::map<std::string, int64_t> stats_;
+  struct Counters {
+    int64_t num_steps = 0, num_scheduled_tokens = 0, num_prefill_tokens = 0, num_decode_tokens = 0,
+            num_preemptions = 0, num_forks = 0, num_fork_fallbacks = 0, num_kv_budget_finishes = 0;
+  } stats_;
 };
 
 }  // namespace vcf::sched

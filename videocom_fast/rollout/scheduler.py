@@ -73,7 +73,8 @@ class Fork:
 
 class _Seq:
     __slots__ = ("seq_id", "group_id", "is_leader", "num_tokens", "num_computed", "block_ids", "resident",
-                 "awaiting_obs", "awaiting_fork", "finished", "finish_reason", "sched_step", "sched_tokens")
+                 "awaiting_obs", "awaiting_fork", "finished", "finish_reason", "sched_step", "sched_tokens",
+                 "decode")
 
     def __init__(self, seq_id: int, group_id: int, num_tokens: int, is_leader: bool):
         self.seq_id, self.group_id, self.is_leader = seq_id, group_id, is_leader
@@ -87,6 +88,7 @@ class _Seq:
         self.finish_reason: str | None = None
         self.sched_step = -1             # step of the last schedule() that scheduled it
         self.sched_tokens = 0            # tokens scheduled then and not yet reported by update()
+        self.decode = False              # its one pending token was just sampled (not a prompt remainder)
 
 
 class _Group:
@@ -243,6 +245,7 @@ class Scheduler:
         s = self._get(seq_id, "append_tokens")
         _check_int("n", n, 1)
         self._check_live(s, "append_tokens")
+        s.decode = n == 1 and s.num_tokens == s.num_computed  # a token sampled from its last computed row
         s.num_tokens += n
         s.awaiting_obs = False
 
@@ -263,7 +266,8 @@ class Scheduler:
 
         0. Followers whose leader finished, or whose leader's prompt is computed but was never forked, stop
            waiting for it and recompute their prompt themselves (so nothing waits forever).
-        1. Decodes first (1 token each), running sequences in admission order: they keep moving.
+        1. Decodes first (1 token each: the token the engine just sampled), running sequences in admission
+           order: they keep moving.
         2. Prefill chunks of running sequences (observations, or a prompt mid-way), admission order, each at
            most max_prefill_chunk tokens and the remaining budget. A chunk short of KV blocks shrinks to the
            free rows; with no free row left it preempts the most recently admitted resident sequence not
@@ -290,7 +294,7 @@ class Scheduler:
                 pending = s.num_tokens - s.num_computed
                 if not s.resident or s.awaiting_obs or pending == 0:
                     continue
-                is_decode = pending == 1 and s.num_computed > 0
+                is_decode = pending == 1 and s.decode
                 if is_decode != decode_phase:
                     continue
                 if self._too_big(s, out):
@@ -298,7 +302,7 @@ class Scheduler:
                 n = 1 if is_decode else min(pending, self.config.max_prefill_chunk, budget)
                 n = self._make_room(s, n, shrink=not is_decode, out=out)
                 if n:
-                    budget -= self._schedule_chunk(s, n, out)
+                    budget -= self._schedule_chunk(s, n, not is_decode, out)
         i = 0
         while budget > 0 and i < len(self._waiting):
             s = self._seqs[self._waiting[i]]
@@ -319,16 +323,15 @@ class Scheduler:
             s.resident = True
             self._running.append(s.seq_id)
             self._reserved += seats - 1
-            budget -= self._schedule_chunk(s, n, out)
+            budget -= self._schedule_chunk(s, n, True, out)
         self._stats["num_steps"] += 1
         self._check_invariants(out)
         return out
 
-    def _schedule_chunk(self, s: _Seq, n: int, out: SchedulerOutput) -> int:
+    def _schedule_chunk(self, s: _Seq, n: int, is_prefill: bool, out: SchedulerOutput) -> int:
         start = s.num_computed
         for _ in range(self._blocks_for(start + n) - len(s.block_ids)):
             s.block_ids.append(self._alloc())
-        is_prefill = not (n == 1 and start > 0 and s.num_tokens - start == 1)
         out.scheduled.append(ScheduledSeq(s.seq_id, start, n, is_prefill, list(s.block_ids),
                                           start + n == s.num_tokens))
         out.num_batched_tokens += n
@@ -381,6 +384,7 @@ class Scheduler:
         self._free_blocks(s)
         s.resident = False
         s.num_computed = 0
+        s.decode = False
         self._running.remove(s.seq_id)
         if s.is_leader:
             self._reserved -= len(self._groups[s.group_id].pending)

@@ -1,0 +1,175 @@
+"""RolloutEngine against its oracles: the naive re-prefill loop (token ids, greedy float64), the original
+M-RoPE rule on the final sequence, and a teacher-forced forward (log-probs, fp32).
+
+Episodes use all three manipulations through forced rounds (helpers_rollout.forced_scripts) on the
+tiny random model; the later rounds are the model's own greedy output, so they depend on every KV row,
+position and media embedding the observations put in.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_rollout import env_factory, forced_scripts, rollout_samples, tiny_dir  # noqa: F401
+from bench.naive_rollout import naive_rollout
+from videocom_fast import modeling
+from videocom_fast.models import load
+from videocom_fast.mrope import mm_token_type_ids, sequence_positions
+from videocom_fast.rollout import RolloutEngine, Trajectory
+
+
+@pytest.fixture(scope="module")
+def model64(tiny_dir):
+    return load(tiny_dir, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def model32(tiny_dir):
+    return load(tiny_dir, dtype=torch.float32)
+
+
+def _engine(model, proc, samples, **kw):
+    forced = kw.pop("forced", True)
+    return RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=kw.pop("max_rounds", 5),
+                         max_new_tokens=kw.pop("max_new_tokens", 40),
+                         forced_rounds=forced_scripts(samples, proc.tokenizer) if forced else None, **kw)
+
+
+def _check_naive(model, proc, samples, trajs, max_rounds=5, max_new_tokens=40, forced=True):
+    fs = forced_scripts(samples, proc.tokenizer) if forced else None
+    make_env = env_factory()
+    for si, group in enumerate(trajs):
+        for tr in group:
+            nv = naive_rollout(model, proc, make_env(samples[si]).fork(), max_rounds=max_rounds,
+                               max_new_tokens=max_new_tokens, greedy=True,
+                               forced=(lambda r, si=si, ri=tr.rollout_index: fs(si, ri, r)) if fs else None)
+            where = f"sample {si} rollout {tr.rollout_index}"
+            assert tr.token_ids == nv.token_ids, where
+            assert tr.generated_mask == nv.generated_mask, where
+            assert tr.round_texts == nv.round_texts, where
+            assert tr.finish_reason == nv.finish_reason, where
+
+
+@pytest.mark.slow
+def test_greedy_equals_naive_loop_on_16_samples_with_all_manipulations(model64, rollout_samples):
+    model, proc = model64
+    samples = rollout_samples[:16]
+    eng = _engine(model, proc, samples)
+    trajs = eng.generate(samples, num_generations=2, greedy=True)
+    kinds = {(o.action.kind, o.reason) for g in trajs for t in g for o in t.observations if o is not None and o.action}
+    assert {("segment", "ok"), ("frame", "ok"), ("zoom", "ok")} <= kinds
+    assert all(len(t.media) >= 4 for g in trajs for t in g)   # main video + rewatch + frame + crop
+    _check_naive(model, proc, samples, trajs)
+
+
+def test_greedy_equals_naive_loop_free_running(model64, rollout_samples):
+    """No forcing: the random model's own rounds (garbage text, no actions) for a few samples."""
+    model, proc = model64
+    samples = rollout_samples[:2]
+    trajs = _engine(model, proc, samples, forced=False, max_rounds=3).generate(samples, num_generations=2, greedy=True)
+    _check_naive(model, proc, samples, trajs, max_rounds=3, forced=False)
+    # greedy rollouts of one group (forked from one prefill) are identical
+    for g in trajs:
+        assert g[0].token_ids == g[1].token_ids
+
+
+def test_chunked_prefill_and_preemption_keep_greedy_tokens(model64, rollout_samples):
+    """Observations larger than the step budget (chunked prefill) and a KV pool that forces preemption."""
+    model, proc = model64
+    samples = rollout_samples[:3]
+    ref = _engine(model, proc, samples).generate(samples, num_generations=3, greedy=True)
+    eng = _engine(model, proc, samples, max_batch_tokens=40, kv_budget_tokens=16 * 80, block_size=16)
+    got = eng.generate(samples, num_generations=3, greedy=True)
+    assert eng.stats["preemptions"] > 0
+    assert max(len(t.token_ids) for g in ref for t in g) > 40
+    for gr, gg in zip(ref, got):
+        for a, b in zip(gr, gg):
+            if b.finish_reason != "kv_budget":
+                assert a.token_ids == b.token_ids and a.generated_mask == b.generated_mask
+    assert eng.stats["scheduler"]["num_free_blocks"] == 80
+
+
+def _check_trajectory(t: Trajectory, proc):
+    L = len(t.token_ids)
+    assert len(t.generated_mask) == len(t.logprobs) == L and t.position_ids.shape == (3, L)
+    assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.generated_mask) if not m)
+    assert sum(b - a for a, b in t.rounds) == t.num_generated
+    assert len(t.round_texts) == len(t.rounds) == len(t.actions) == len(t.observations)
+    for a, b in t.rounds:
+        assert all(t.generated_mask[a:b])
+
+
+def test_positions_equal_original_rule_on_final_sequence(model32, rollout_samples):
+    model, proc = model32
+    samples = rollout_samples[:3]
+    trajs = _engine(model, proc, samples).generate(samples, num_generations=2, seed=3)
+    cfg = model.config
+    for g in trajs:
+        for t in g:
+            _check_trajectory(t, proc)
+            types = mm_token_type_ids(torch.tensor(t.token_ids), cfg.image_token_id, cfg.video_token_id)
+            ref = sequence_positions(types, t.image_grid_thw, t.video_grid_thw, t.second_per_grid_ts)
+            assert torch.equal(ref, t.position_ids)
+
+
+def test_logprobs_equal_teacher_forced_forward(model32, rollout_samples):
+    """Sampling mode (temperature 0.9, top-k 50): the engine's log-probs equal a full-sequence forward's."""
+    model, proc = model32
+    samples = rollout_samples[3:6]
+    trajs = _engine(model, proc, samples).generate(samples, num_generations=3, seed=7,
+                                                                      temperature=0.9, top_k=50)
+    for g in trajs:
+        for t in g:
+            blocks = t.media_in_order()
+            feats = []
+            for kind, pv, grid in blocks:
+                with torch.no_grad():
+                    feats += modeling.vision_embeds(model, pv, grid[None], video=kind == "video")
+            ids = torch.tensor(t.token_ids)
+            with torch.no_grad():
+                x = modeling.embed(model, ids, feats)
+                h = modeling.text_forward(model, x[None], t.position_ids[:, None, :])[0]
+                gen = torch.tensor(t.generated_mask)
+                idx = gen.nonzero().squeeze(-1)
+                lp = modeling.chunked_token_logprobs(model, h[idx - 1], ids[idx], temperature=0.9)
+            want = torch.tensor([x for x, m in zip(t.logprobs, t.generated_mask) if m])
+            torch.testing.assert_close(lp, want, atol=1e-4, rtol=0)
+
+
+def test_same_seed_same_rollouts_different_seed_differs(model32, rollout_samples):
+    model, proc = model32
+    samples = rollout_samples[:2]
+    eng = _engine(model, proc, samples, forced=False, max_rounds=2, max_new_tokens=8)
+    a = eng.generate(samples, num_generations=4, seed=11)
+    b = eng.generate(samples, num_generations=4, seed=11)
+    c = eng.generate(samples, num_generations=4, seed=12)
+    ids = lambda tr: [t.token_ids for g in tr for t in g]  # noqa: E731
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    # rollouts of a group differ from each other (own generators), while sharing the prompt prefill
+    assert len({tuple(t.token_ids) for t in a[0]}) > 1
+    assert eng.stats["prefix_tokens_shared"] > 0 and eng.stats["scheduler"]["num_forks"] == 2 * 3
+
+
+def test_vision_cache_shares_identical_requests_within_a_group(model32, rollout_samples):
+    model, proc = model32
+    samples = rollout_samples[:2]
+    eng = _engine(model, proc, samples, max_rounds=4)
+    trajs = eng.generate(samples, num_generations=4, greedy=True)
+    assert all(o.reason == "ok" for g in trajs for t in g for o in t.observations[:3])
+    # 4 rollouts x 3 forced manipulations per group: each distinct request is encoded once per group
+    assert eng.stats["vision_cache_misses"] == 2 * 3
+    assert eng.stats["vision_cache_hits"] == 2 * 3 * 3
+
+
+def test_bad_arguments(model32):
+    model, proc = model32
+    with pytest.raises(ValueError, match="max_rounds"):
+        RolloutEngine(model, proc, max_rounds=0)
+    with pytest.raises(ValueError, match="kv_budget_tokens"):
+        RolloutEngine(model, proc, kv_budget_tokens=3)
+    eng = RolloutEngine(model, proc)
+    with pytest.raises(ValueError, match="num_generations"):
+        eng.generate([], num_generations=0)
+    with pytest.raises(ValueError, match="temperature"):
+        eng.generate([], temperature=0.0)
+    assert eng.generate([], num_generations=2) == []

@@ -1,0 +1,139 @@
+"""Teacher-forced log-probs of the generated tokens of a multi-turn Trajectory (policy, old policy, reference).
+
+One forward over the whole episode exactly as the engine produced it: the Trajectory's token ids (no decode
+and re-tokenize, defect 8), its media features scattered in sequence order, and its (3, L) M-RoPE positions
+(defect 1: explicit 3-D positions always). Then the log-softmax is taken ONLY at the positions that predict
+a generated token, in chunks of `chunk` rows, in fp32 (defect 9): full-vocabulary logits for the whole
+sequence, (L, V), are never held; with autograd each chunk is checkpointed, so backward recomputes its
+(chunk, V) logits instead of keeping every chunk's alive.
+
+Generated token i (generated_mask[i] True) is predicted by the hidden state at i - 1, so the rows gathered
+are `gen_idx - 1`. Output order = order of generated tokens in the sequence, matching `traj.logprobs` at
+generated positions. Legend: L tokens, D hidden, N generated tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from videocom_fast import modeling
+from videocom_fast.kernels.logprobs import token_logprobs
+
+# --- what the forward needs from a Trajectory ----------------------------------------------------------
+
+
+def generated_index(traj) -> torch.Tensor:
+    """Indices (N,) of generated tokens in `traj.token_ids`; the first token can never be generated."""
+    mask = torch.as_tensor(traj.generated_mask, dtype=torch.bool)
+    if mask.shape[0] != len(traj.token_ids):
+        raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: generated_mask has "
+                         f"{mask.shape[0]} entries for {len(traj.token_ids)} tokens")
+    if mask.numel() and bool(mask[0]):
+        raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: token 0 is marked generated "
+                         "but nothing precedes it")
+    return mask.nonzero().squeeze(-1)
+
+
+def sampling_logprobs(traj) -> torch.Tensor:
+    """fp32 (N,) log-probs the engine recorded when sampling, at generated positions."""
+    idx = generated_index(traj)
+    return torch.as_tensor(traj.logprobs, dtype=torch.float32)[idx]
+
+
+def block_kinds(input_ids_L: torch.Tensor, image_pad: int, video_pad: int) -> list[str]:
+    """"image" / "video" per vision block, in sequence order (a block = a maximal run of one pad id)."""
+    is_img, is_vid = input_ids_L == image_pad, input_ids_L == video_pad
+    pad = is_img | is_vid
+    starts = pad & ~torch.cat([pad.new_zeros(1), pad[:-1]])
+    # a run switching directly from image to video pads never happens in Qwen's format (vision_end between)
+    return ["image" if bool(is_img[i]) else "video" for i in starts.nonzero().squeeze(-1).tolist()]
+
+
+def media_embeds(model, traj, input_ids_L: torch.Tensor) -> list[torch.Tensor]:
+    """Vision features of every block of the episode, in sequence order (one tower call per modality).
+
+    NOTE: runs under no_grad when the vision tower and merger are frozen (the method's setting), so no
+    activations of the tower are kept for backward.
+    """
+    cfg = modeling.inner(model).config
+    visual = modeling.inner(model).visual
+    for name, pix, grid in (("image", traj.pixel_values, traj.image_grid_thw),
+                            ("video", traj.pixel_values_videos, traj.video_grid_thw)):
+        rows = int(grid.prod(-1).sum()) if grid is not None and grid.numel() else 0
+        if rows != (0 if pix is None else pix.shape[0]):
+            raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: {name} grids need {rows} pixel "
+                             f"rows but {0 if pix is None else pix.shape[0]} were given")
+    dtype = next(visual.parameters()).dtype
+    grad = torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters())
+    with torch.set_grad_enabled(grad):
+        imgs = vids = []
+        if traj.image_grid_thw is not None and traj.image_grid_thw.numel():
+            imgs = modeling.vision_embeds(model, traj.pixel_values.to(dtype).clone(), traj.image_grid_thw.clone(),
+                                          video=False)
+        if traj.video_grid_thw is not None and traj.video_grid_thw.numel():
+            vids = modeling.vision_embeds(model, traj.pixel_values_videos.to(dtype).clone(),
+                                          traj.video_grid_thw.clone(), video=True)
+    kinds = block_kinds(input_ids_L, cfg.image_token_id, cfg.video_token_id)
+    if kinds.count("image") != len(imgs) or kinds.count("video") != len(vids):
+        raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: {kinds.count('image')} image and "
+                         f"{kinds.count('video')} video blocks in token_ids but {len(imgs)} image and "
+                         f"{len(vids)} video grids")
+    it_i, it_v = iter(imgs), iter(vids)
+    return [next(it_i) if k == "image" else next(it_v) for k in kinds]
+
+
+# --- chunked log-probs -------------------------------------------------------------------------------
+
+
+def _chunk_logprobs(hidden_ND, target_N, head, temperature, backend):
+    logits_NV = head(hidden_ND)     # a module call: ZeRO-3 gathers the weight in its hooks
+    return token_logprobs(logits_NV, target_N, temperature, backend=backend)
+
+
+def chunked_logprobs(model, hidden_ND: torch.Tensor, target_N: torch.Tensor, *, temperature: float = 1.0,
+                     chunk: int = 1024, backend: str | None = None) -> torch.Tensor:
+    """fp32 (N,) log p(target | hidden); at most (chunk, V) logits alive at a time, forward and backward."""
+    if chunk < 1:
+        raise ValueError(f"chunked_logprobs: chunk must be >= 1, got {chunk}")
+    head = modeling.lm_head(model)
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("chunked_logprobs: an lm_head with bias is not supported")
+    out = []
+    for s in range(0, hidden_ND.shape[0], chunk):
+        args = (hidden_ND[s:s + chunk], target_N[s:s + chunk], head, temperature, backend)
+        if torch.is_grad_enabled() and (hidden_ND.requires_grad or head.weight.requires_grad):
+            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*args))
+    return torch.cat(out) if out else hidden_ND.new_zeros(0, dtype=torch.float32)
+
+
+# --- one episode ----------------------------------------------------------------------------------------
+
+
+def trajectory_logprobs(model, traj, *, temperature: float = 1.0, chunk: int = 1024, backend: str | None = None,
+                        embeds: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """fp32 (N,) teacher-forced log-probs of the episode's generated tokens under `model`.
+
+    `embeds` reuses media features computed once (e.g. the policy's, for the reference model when both share
+    a frozen vision tower).
+    """
+    device = modeling.lm_head(model).weight.device
+    ids_L = torch.as_tensor(traj.token_ids, dtype=torch.long, device=device)
+    # NOTE: clone: the engine builds these under inference_mode, and inference tensors cannot enter autograd
+    pos_3L = torch.as_tensor(traj.position_ids, dtype=torch.long, device=device).clone()
+    if pos_3L.shape != (3, ids_L.shape[0]):
+        raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: position_ids has shape "
+                         f"{tuple(pos_3L.shape)}, expected (3, {ids_L.shape[0]})")
+    gen_N = generated_index(traj).to(device)
+    if embeds is None:
+        embeds = media_embeds(model, traj, ids_L)
+    x_LD = modeling.embed(model, ids_L, embeds)
+    hidden_LD = modeling.text_forward(model, x_LD[None], pos_3L[:, None, :])[0]
+    return chunked_logprobs(model, hidden_LD[gen_N - 1], ids_L[gen_N], temperature=temperature, chunk=chunk,
+                            backend=backend)
+
+
+def batch_logprobs(model, trajs, **kw) -> list[torch.Tensor]:
+    """`trajectory_logprobs` of each episode (one forward per episode: no padding, no cross-talk)."""
+    return [trajectory_logprobs(model, t, **kw) for t in trajs]

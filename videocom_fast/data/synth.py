@@ -1,0 +1,315 @@
+"""The embedded default dataset: overlayed synthetic videos whose questions need manipulations.
+
+    paths = synthesize("data/synth", num_samples=64, seed=0)   # dict(out_dir, sft, grpo, eval, videos)
+
+Each video: a smooth textured background that pans, 3-5 coloured shapes bouncing around, and the
+Segment/Frame label of spec section 1 burned in (media.overlay). In ONE segment a small tag (a light
+square carrying a coloured letter or digit) appears for a few frames at one place. The question asks
+which character, or which colour, the tag showed; 4 options on one line. Deterministic per seed (one
+numpy generator per sample, seeded with (seed, index); single-threaded encoders); videos are H.264 mp4 (or VP9 webm, codec="vp9"),
+2 s GOPs so seeks are cheap. Two worker processes write the videos.
+
+Files written under out_dir (paths inside the JSON are relative to the JSON file's directory):
+    videos/sample_0000.mp4      the overlayed video
+    frames/sample_0000_f0123.png  the gold frame as decoded from the video (for image-path loaders)
+    sft.json  grpo.json         the training split (same samples, two formats)
+    eval.json                   held-out samples (the last max(1, n // 8)), GRPO format
+
+SFT sample (the reference's sft_dataset.py format, spec section 5):
+    {"id": "sample_0000", "video": "videos/sample_0000.mp4", "conversations": [
+      {"from": "human", "value": "<video>\\n<tool instructions>\\nQuestion: ...\\nOptions: A. x, B. y, C. z, D. w",
+       "segment_frame_list": {"3": [123]}},
+      {"from": "gpt",   "value": "<reasoning> FIND_SEGMENT(<desc>) = [3]"},
+      {"from": "human", "value": "<video>\\nContinue solving the question after rewatching the selected segment.",
+       "media": {"type": "video", "time_ranges": [{"start": 20.0, "end": 30.0}], "frame_list": [123]}},
+      {"from": "gpt",   "value": "<reasoning> FIND_FRAME(<desc>) = [123]"},
+      {"from": "human", "value": "<image>\\nContinue solving the question with the selected frame.",
+       "media": {"type": "image", "image": "frames/sample_0000_f0123.png", "frame": 123}},
+      {"from": "gpt",   "value": "<reasoning> SPATIAL_ZOOM(<desc>) = [x1, y1, x2, y2]"},
+      {"from": "human", "value": "<image>\\nContinue solving the question by focusing on the zoomed region.",
+       "media": {"type": "image", "image": "frames/sample_0000_f0123.png", "frame": 123,
+                 "bbox": [[X1, Y1, X2, Y2]]}},
+      {"from": "gpt",   "value": "<reasoning> FINAL_ANSWER: B. 7"}]}
+  - Rewatch media: the segment's time ranges (protocol.segment_time_ranges) and the frames that must be
+    among the 16 sampled ones (1-based), exactly what ManipulationEnv.step would show.
+  - Image media: "image" is the FULL frame (1-based "frame" number in the video); a zoom observation adds
+    "bbox": the crop(s) in ORIGINAL pixels (x2, y2 exclusive), i.e. what ManipulationEnv.step crops for the
+    SPATIAL_ZOOM box of the previous gpt turn. Loaders crop the image (or the decoded frame) to bbox.
+  - The SPATIAL_ZOOM box in the gpt text is in the coordinates of the frame AS THE MODEL SEES IT:
+    smart_resize(H, W, image_min_pixels, image_max_pixels) of the config (defect 6 fixed at the source).
+    NOTE: the reference loader rewrote str(bbox) of an image's "bbox" in the following gpt turn into
+    resized coordinates; our texts are resized already and never contain the original-pixel box.
+GRPO / eval sample: {"id", "video", "conversations": [question turn (with segment_frame_list), {"from":
+    "gpt", "value": "B. 7"}], "valid_segments": [3], "valid_frames": [[121, 127]] (1-based inclusive),
+    "valid_bounding_box": [[121, [x1, y1, x2, y2]], ...] (every frame showing the tag, original pixels),
+    "answer": "B", "question_type": "character" | "colour"}.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .. import protocol
+
+INSTRUCTIONS = (
+    "Answer by manipulating the video. Each step ends with at most one action: "
+    "FIND_SEGMENT(description) = [s] rewatches segment s; FIND_FRAME(description) = [n] shows frame n; "
+    "SPATIAL_ZOOM(description) = [x1, y1, x2, y2] zooms into a box of the last frame shown. "
+    "Segment and frame numbers are printed at the top-left of the video. "
+    "Finish with FINAL_ANSWER: <letter>. <option>."
+)
+CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ2345679"   # no look-alikes (0/O, 1/I, 8/B)
+COLOURS = {"red": (230, 30, 30), "green": (20, 170, 40), "blue": (30, 60, 230), "orange": (245, 140, 0),
+           "purple": (140, 40, 200), "black": (10, 10, 10), "magenta": (230, 0, 200), "teal": (0, 140, 140)}
+LETTERS = "ABCD"
+_SUFFIX = {"h264": ".mp4", "vp9": ".webm"}
+
+
+# --- scene ----------------------------------------------------------------------------------------
+
+def _smooth_texture(rng, h, w) -> np.ndarray:
+    """uint8 (h, w, 3): low-frequency colour noise plus fine grain (a textured, codec-friendly background)."""
+    import torch
+
+    coarse = torch.from_numpy(rng.uniform(40, 200, size=(1, 3, h // 24 + 2, w // 24 + 2)).astype(np.float32))
+    up = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+    grain = rng.normal(0, 3, size=(h, w, 1)).astype(np.float32)
+    return np.clip(up.permute(1, 2, 0).numpy() + grain, 0, 255).astype(np.uint8)
+
+
+def _shape_mask(kind: str, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    c = (size - 1) / 2
+    if kind == "circle":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2) ** 2
+    if kind == "diamond":
+        return np.abs(yy - c) + np.abs(xx - c) <= size / 2
+    return np.ones((size, size), dtype=bool)
+
+
+def _bounce(p0: float, v: float, t: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Positions of a point moving at speed v that reflects off lo and hi."""
+    span = hi - lo
+    x = (p0 - lo + v * t) % (2 * span)
+    return lo + np.where(x > span, 2 * span - x, x)
+
+
+def _tag_patch(char: str, colour, size: int) -> np.ndarray:
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (size, size), (235, 235, 225))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=int(size * 0.8))
+    l, t, r, b = draw.textbbox((0, 0), char, font=font)
+    draw.text(((size - (r - l)) / 2 - l, (size - (b - t)) / 2 - t), char, fill=tuple(colour), font=font)
+    return np.asarray(img)
+
+
+# --- one sample -----------------------------------------------------------------------------------
+
+def _plan(index: int, seed: int, width: int, height: int, fps: int, seconds, image_hw) -> dict:
+    """Everything random about sample `index`, drawn from its own generator (order-independent)."""
+    rng = np.random.default_rng([seed, index])
+    duration = int(rng.integers(seconds[0], seconds[1] + 1))
+    n = duration * fps
+    segs = protocol.segment_ranges(n, fps)
+    s = int(rng.integers(1, len(segs) + 1))
+    a, b = segs[s - 1]
+    length = int(rng.integers(max(3, fps // 2 + 1), fps + 3))     # a fraction of a second to ~1 s
+    start = int(rng.integers(a + 1, max(a + 2, b - length - 1)))
+    start = min(start, b - length)
+    tag = max(16, height // 10)
+    from ..media.overlay import label_box
+
+    lx2, ly2 = label_box(height, width)[2:]
+    x = int(rng.integers(lx2 + 6, width - tag - 6))
+    y = int(rng.integers(6, height - tag - 6))
+    qtype = "character" if rng.random() < 0.5 else "colour"
+    chars = list(rng.choice(list(CHARS), size=4, replace=False))
+    colours = list(rng.choice(list(COLOURS), size=4, replace=False))
+    answer = int(rng.integers(0, 4))
+    char, colour = chars[answer], colours[answer]
+    options = chars if qtype == "character" else colours
+    shapes = []
+    for _ in range(int(rng.integers(3, 6))):
+        size = int(rng.integers(height // 8, height // 4))
+        shapes.append(dict(kind=str(rng.choice(["circle", "square", "diamond"])), size=size,
+                           colour=rng.integers(0, 256, size=3).astype(np.uint8),
+                           x0=float(rng.uniform(0, width - size)), y0=float(rng.uniform(0, height - size)),
+                           vx=float(rng.uniform(-3, 3)), vy=float(rng.uniform(-2, 2))))
+    gold = start + length // 2                     # 0-based frame of the FIND_FRAME step
+    margin = max(2, tag // 6)
+    box = (max(0, x - margin), max(0, y - margin), min(width, x + tag + margin), min(height, y + tag + margin))
+    rh, rw = image_hw
+    zoom = [math.floor(box[0] * rw / width), math.floor(box[1] * rh / height),
+            math.ceil(box[2] * rw / width), math.ceil(box[3] * rh / height)]
+    return dict(index=index, n=n, segment=s, start=start, length=length, tag=tag, x=x, y=y, qtype=qtype,
+                options=[str(o) for o in options], answer=answer, char=str(char), colour=str(colour),
+                shapes=shapes, gold=gold, zoom=zoom, texture_seed=int(rng.integers(2**31)))
+
+
+def _render(plan: dict, path: str, width: int, height: int, fps: int, codec: str, threads: int):
+    from ..media.overlay import draw_labels, encode, finish, open_encoder
+
+    rng = np.random.default_rng(plan["texture_seed"])
+    pan = 48
+    bg = _smooth_texture(rng, height + pan, width + pan)
+    n = plan["n"]
+    t = np.arange(n, dtype=np.float64)
+    px = _bounce(0, 0.7, t, 0, pan).astype(int)
+    py = _bounce(pan / 2, 0.4, t, 0, pan).astype(int)
+    tracks = []
+    for sh in plan["shapes"]:
+        sz = sh["size"]
+        xs = _bounce(sh["x0"], sh["vx"], t, 0, width - sz).astype(int)
+        ys = _bounce(sh["y0"], sh["vy"], t, 0, height - sz).astype(int)
+        tracks.append((_shape_mask(sh["kind"], sz), sh["colour"], xs, ys))
+    tag = _tag_patch(plan["char"], COLOURS[plan["colour"]], plan["tag"])
+    a, b = plan["start"], plan["start"] + plan["length"]
+    container, stream = open_encoder(path, width, height, fps, codec, gop=2 * fps)
+    if threads:
+        stream.codec_context.thread_count = threads
+    chunk = 32
+    try:
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            frames = np.empty((c1 - c0, height, width, 3), dtype=np.uint8)
+            for i in range(c0, c1):
+                f = frames[i - c0]
+                f[:] = bg[py[i]:py[i] + height, px[i]:px[i] + width]
+                for mask, colour, xs, ys in tracks:
+                    sz = mask.shape[0]
+                    f[ys[i]:ys[i] + sz, xs[i]:xs[i] + sz][mask] = colour
+                if a <= i < b:
+                    y, x, s = plan["y"], plan["x"], plan["tag"]
+                    f[y:y + s, x:x + s] = tag
+            draw_labels(frames, c0, n, fps)
+            encode(container, stream, frames)
+    finally:
+        finish(container, stream)
+
+
+def _make_sample(args) -> dict:
+    plan, out_dir, width, height, fps, codec, threads = args
+    from PIL import Image
+
+    from ..media import open_video
+
+    name = f"sample_{plan['index']:04d}"
+    video_rel = f"videos/{name}{_SUFFIX[codec]}"
+    _render(plan, os.path.join(out_dir, video_rel), width, height, fps, codec, threads)
+    src = open_video(os.path.join(out_dir, video_rel), backend="pyav")
+    if src.num_frames != plan["n"]:
+        raise RuntimeError(f"{video_rel}: wrote {plan['n']} frames, reads back {src.num_frames}")
+    frame_rel = f"frames/{name}_f{plan['gold'] + 1:04d}.png"
+    Image.fromarray(src.get_frames([plan["gold"]])[0].numpy()).save(os.path.join(out_dir, frame_rel))
+    src.close()
+    return dict(plan=plan, name=name, video=video_rel, frame_image=frame_rel)
+
+
+# --- conversations --------------------------------------------------------------------------------
+
+def _question_turn(p: dict) -> dict:
+    q = ("Which character is written on the small tag that appears briefly in the video?"
+         if p["qtype"] == "character" else
+         "What colour is the character on the small tag that appears briefly in the video?")
+    opts = ", ".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(p["options"]))
+    return {"from": "human", "value": f"<video>\n{INSTRUCTIONS}\nQuestion: {q}\nOptions: {opts}",
+            "segment_frame_list": {str(p["segment"]): [p["gold"] + 1]}}
+
+
+def _answer_text(p: dict) -> str:
+    return f"{LETTERS[p['answer']]}. {p['options'][p['answer']]}"
+
+
+def _sft_record(r: dict, fps: int, image_hw, width: int, height: int) -> dict:
+    from ..env import TEXT_FRAME, TEXT_SEGMENT, TEXT_ZOOM, resized_box_to_original
+
+    p = r["plan"]
+    s, n = p["segment"], p["gold"] + 1
+    (t0, t1), = protocol.segment_time_ranges(p["n"], fps, [s])
+    crop = resized_box_to_original(p["zoom"], image_hw, (height, width))
+    x1, y1, x2, y2 = p["zoom"]
+    seen = f"the character {p['char']}" if p["qtype"] == "character" else f"a {p['colour']} character"
+    conv = [
+        _question_turn(p),
+        {"from": "gpt", "value": f"The tag appears in segment {s}. "
+                                 f"FIND_SEGMENT(the segment where the small tag appears) = [{s}]"},
+        {"from": "human", "value": f"<video>\n{TEXT_SEGMENT}",
+         "media": {"type": "video", "time_ranges": [{"start": t0, "end": t1}], "frame_list": [n]}},
+        {"from": "gpt", "value": f"The tag is visible in frame {n}. FIND_FRAME(the frame showing the tag) = [{n}]"},
+        {"from": "human", "value": f"<image>\n{TEXT_FRAME}",
+         "media": {"type": "image", "image": r["frame_image"], "frame": n}},
+        {"from": "gpt", "value": f"The tag is small. SPATIAL_ZOOM(the tag) = [{x1}, {y1}, {x2}, {y2}]"},
+        {"from": "human", "value": f"<image>\n{TEXT_ZOOM}",
+         "media": {"type": "image", "image": r["frame_image"], "frame": n, "bbox": [list(crop)]}},
+        {"from": "gpt", "value": f"The tag shows {seen}. FINAL_ANSWER: {_answer_text(p)}"},
+    ]
+    return {"id": r["name"], "video": r["video"], "conversations": conv}
+
+
+def _grpo_record(r: dict) -> dict:
+    p = r["plan"]
+    a, L, x, y, t = p["start"], p["length"], p["x"], p["y"], p["tag"]
+    return {"id": r["name"], "video": r["video"],
+            "conversations": [_question_turn(p), {"from": "gpt", "value": _answer_text(p)}],
+            "valid_segments": [p["segment"]],
+            "valid_frames": [[a + 1, a + L]],
+            "valid_bounding_box": [[f + 1, [x, y, x + t, y + t]] for f in range(a, a + L)],
+            "answer": LETTERS[p["answer"]], "question_type": p["qtype"]}
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h264", width: int = 320,
+               height: int = 192, fps: int = 8, seconds=(40, 60), media_config=None,
+               workers: int | None = None) -> dict:
+    """Write the dataset under `out_dir`; returns dict(out_dir, sft, grpo, eval, videos) of paths."""
+    from ..env import MediaConfig
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+    if codec not in _SUFFIX:
+        raise ValueError(f"codec: expected one of {sorted(_SUFFIX)}, got {codec!r}")
+    if width % 2 or height % 2 or width < 128 or height < 96:
+        raise ValueError(f"width/height: expected even sizes of at least 128x96, got {width}x{height}")
+    if not isinstance(fps, int) or fps < 2:
+        raise ValueError(f"fps: expected an int >= 2, got {fps!r}")
+    lo, hi = seconds
+    if not 0 < lo <= hi:
+        raise ValueError(f"seconds: expected (min, max) with 0 < min <= max, got {seconds!r}")
+    cfg = media_config or MediaConfig()
+    image_hw = protocol.smart_resize(height, width, min_pixels=cfg.image_min_pixels,
+                                     max_pixels=cfg.image_max_pixels)
+    out = Path(out_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / "frames").mkdir(parents=True, exist_ok=True)
+    plans = [_plan(i, seed, width, height, fps, (lo, hi), image_hw) for i in range(num_samples)]
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1, num_samples)
+    # NOTE: one encoder thread always: multi-threaded x264 makes different (valid) choices per core count
+    jobs = [(p, str(out), width, height, fps, codec, 1) for p in plans]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            records = list(pool.map(_make_sample, jobs))
+    else:
+        records = [_make_sample(j) for j in jobs]
+    num_eval = max(1, num_samples // 8) if num_samples >= 2 else 0
+    train, held = records[:num_samples - num_eval], records[num_samples - num_eval:]
+    files = {"sft": [_sft_record(r, fps, image_hw, width, height) for r in train],
+             "grpo": [_grpo_record(r) for r in train], "eval": [_grpo_record(r) for r in held]}
+    paths = {"out_dir": str(out), "videos": [str(out / r["video"]) for r in records]}
+    for name, data in files.items():
+        paths[name] = str(out / f"{name}.json")
+        with open(paths[name], "w") as f:
+            json.dump(data, f, indent=1)
+    return paths
+
+
+__all__ = ["synthesize", "INSTRUCTIONS", "CHARS", "COLOURS"]

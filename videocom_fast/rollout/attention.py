@@ -1,0 +1,139 @@
+"""Paged attention for the engine's packed forward, registered with transformers' AttentionInterface.
+
+Legend: L packed query tokens (B = 1), Hq query heads, Hkv key/value heads, D head dim, S key rows,
+Nd decode sequences, NB/BS pool blocks/rows.
+
+One engine step runs ONE forward over all scheduled tokens concatenated (decodes of some sequences,
+prefill chunks of others). transformers gives this function `query (1, Hq, L, D)` after RoPE; the new
+K/V rows were already written to the pool by `kv_cache.StepCache.update`. Each chunk then attends to its
+own sequence's rows [0, start + n) read through its block table, causally:
+query row i of a chunk starting at `start` sees key rows j <= start + i.
+
+Backends (one code path in the engine, chosen here):
+- CPU / no flash-attn: decodes are batched into one SDPA call (block tables padded, key-length mask);
+  each prefill chunk is one SDPA call on its gathered blocks (no mask when it starts at row 0).
+- CUDA with flash-attn importable and a block size that flash-attn's paged KV accepts (multiple of 256):
+  `flash_attn_varlen_func` with `block_table` reads the pool directly. Not exercised on this CPU machine.
+Without `paged` metadata (training forwards of the same model) the call falls through to transformers'
+own SDPA attention, so registering this function never changes any other forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "videocom_paged"
+
+
+@dataclass
+class PagedBatch:
+    """Per-step attention metadata (built once per step, read by every layer)."""
+    pool: object                      # kv_cache.PagedKVPool
+    q_starts: list[int]               # offset of each chunk in the packed query
+    q_lens: list[int]
+    ctx_lens: list[int]               # start + n: the chunk's last row sees this many keys
+    block_tables: list[list[int]]
+    backend: str = "sdpa"             # "sdpa" | "flash"
+    _cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # NOTE: chunks whose query is a single row at the end of their context are plain decodes
+        dec = [i for i, (n, s) in enumerate(zip(self.q_lens, self.ctx_lens)) if n == 1]
+        self.decode_chunks = dec
+        self.prefill_chunks = [i for i in range(len(self.q_lens)) if self.q_lens[i] != 1]
+
+    def decode_meta(self, device):
+        """(query rows (Nd,), padded block table (Nd, maxb), key mask (Nd, 1, 1, S)) for batched decodes."""
+        if "dec" not in self._cache:
+            dec = self.decode_chunks
+            bs = self.pool.block_size
+            rows = torch.tensor([self.q_starts[i] for i in dec], device=device)
+            ctx = torch.tensor([self.ctx_lens[i] for i in dec], device=device)
+            maxb = max(-(-self.ctx_lens[i] // bs) for i in dec)
+            table = torch.zeros(len(dec), maxb, dtype=torch.long)
+            for r, i in enumerate(dec):
+                nb = -(-self.ctx_lens[i] // bs)
+                table[r, :nb] = torch.as_tensor(self.block_tables[i][:nb])
+            mask = (torch.arange(maxb * bs, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+            self._cache["dec"] = (rows, table.to(device), mask)
+        return self._cache["dec"]
+
+    def flash_meta(self, device):
+        if "flash" not in self._cache:
+            cu_q = torch.tensor([0, *torch.tensor(self.q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+            cu_k = torch.tensor([0, *torch.tensor(self.ctx_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+            maxb = max(len(t) for t in self.block_tables)
+            table = torch.zeros(len(self.block_tables), maxb, dtype=torch.int32)
+            for r, t in enumerate(self.block_tables):
+                table[r, :len(t)] = torch.as_tensor(t)
+            self._cache["flash"] = (cu_q, cu_k, max(self.q_lens), max(self.ctx_lens), table.to(device))
+        return self._cache["flash"]
+
+
+def flash_available(block_size: int, device) -> bool:
+    if torch.device(device).type != "cuda" or block_size % 256:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sdpa(q, k, v, mask, scaling, causal=False):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,
+                                          enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def paged_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, paged=None,
+                    **kwargs):
+    """transformers attention function: query (1, Hq, L, D) -> (out (1, L, Hq, D), None)."""
+    if paged is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    layer = module.layer_idx
+    pool = paged.pool
+    kp, vp = pool.k[layer], pool.v[layer]
+    if paged.backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+        cu_q, cu_k, max_q, max_k, table = paged.flash_meta(query.device)
+        out = flash_attn_varlen_func(query[0].transpose(0, 1), kp, vp, cu_q, cu_k, max_q, max_k,
+                                     softmax_scale=scaling, causal=True, block_table=table)
+        return out[None], None
+    q_LHD = query[0].transpose(0, 1)                       # (L, Hq, D)
+    out_LHD = torch.empty_like(q_LHD)
+    if paged.decode_chunks:
+        rows, table, mask = paged.decode_meta(query.device)
+        Nd, maxb = table.shape
+        k = kp[table].reshape(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
+        v = vp[table].reshape(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
+        q = q_LHD.index_select(0, rows)[:, :, None, :]      # (Nd, Hq, 1, D)
+        out_LHD.index_copy_(0, rows, _sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, scaling)[:, :, 0, :])
+    for i in paged.prefill_chunks:
+        qs, n, ctx = paged.q_starts[i], paged.q_lens[i], paged.ctx_lens[i]
+        k, v = pool.gather(layer, paged.block_tables[i][:-(-ctx // pool.block_size)], ctx)
+        q = q_LHD[qs:qs + n].transpose(0, 1)[None]          # (1, Hq, n, D)
+        k, v = k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype)
+        if ctx == n:
+            o = _sdpa(q, k, v, None, scaling, causal=True)
+        else:  # a later chunk: rows [ctx - n, ctx) see keys up to themselves
+            mask = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
+            o = _sdpa(q, k, v, mask, scaling)
+        out_LHD[qs:qs + n] = o[0].transpose(0, 1)
+    return out_LHD[None], None
+
+
+_registered = False
+
+
+def register() -> str:
+    """Register `paged_attention` with transformers (idempotent); returns its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        AttentionInterface.register(ATTENTION_NAME, paged_attention)
+        _registered = True
+    return ATTENTION_NAME

@@ -1,0 +1,549 @@
+"""RolloutEngine: multi-turn Video-CoM rollouts with paged KV, shared group prefixes and packed steps.
+
+Legend: L packed tokens of one step, D hidden, V vocabulary, G rollouts per prompt, n tokens of a chunk.
+
+What one `generate(samples)` does (the reference's costs it removes are spec section 8):
+- Each sample becomes a GROUP of G rollouts. Its prompt (system + main video + question) is prepared on a
+  worker thread (env + decode + preprocess), its video goes through the vision tower once, and the prompt
+  is prefilled ONCE by the group's leader; the scheduler then forks the other G-1 rollouts from the
+  leader's KV blocks (shared by reference count, last partial block copied). Each follower samples its
+  first token from the leader's last logits with its own generator.
+- Every engine step: `scheduler.schedule()` picks decodes and prefill chunks under a token and a KV-block
+  budget; all their tokens are concatenated into ONE forward (B = 1) through `modeling.text_forward`
+  with explicit (3, 1, L) M-RoPE positions from each sequence's `MRopeCursor`; the custom attention
+  (attention.py) reads per-sequence query ranges, block tables and context lengths from kwargs and
+  attends to the paged pool (kv_cache.py) that `StepCache.update` wrote the step's K/V into.
+- A round ends per stopping.py. Then `env.step(text)` + preprocessing run on a worker thread while the
+  other sequences keep decoding; the vision tower runs between steps on the main thread, batched over
+  everything that arrived, with outputs cached per group by `MediaItem.key` (the same segment, frame or
+  crop asked by several rollouts is encoded once). The observation (newline + user turn + assistant
+  header, videocom_fast.chat) is appended and prefilled on top of the KV already there: no token is ever
+  prefilled twice unless the scheduler preempted its sequence (then it is recomputed from its own
+  tokens, media embeddings kept).
+- No dummy rounds after the answer (defect 10); positions by the original M-RoPE rule, incrementally
+  (defect 1); token in / token out (defect 8); fp32 log-probs (defect 9).
+
+Choice on stopped rounds: a round the engine ends itself (completed action line, per-round token
+limit) gets an injected, not generated, <|im_end|> before the observation (Trajectory docstring).
+Finish reasons: "answer", "max_rounds", "max_new_tokens" (the last round hit the per-round limit),
+"kv_budget" (the sequence cannot fit the KV pool even alone).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import envs, modeling
+from ..chat import ChatTokens, num_media_tokens
+from ..mrope import MRopeCursor
+from ..protocol import parse_action
+from . import attention as attn
+from .kv_cache import PagedKVPool, StepCache
+from .media_inputs import preprocess_items
+from .sampling import SamplingParams, rollout_generator, sample
+from .scheduler import SchedulerConfig, make_scheduler
+from .stopping import action_line_done, has_answer, has_line_break
+from .trajectory import Trajectory
+
+# --- per-sequence and per-group state --------------------------------------------------------------------
+
+
+@dataclass
+class _Block:
+    """One vision block of a sequence: its item, the token index of its first pad, encoder outputs."""
+    item: object
+    offset: int
+    embeds: torch.Tensor
+    pixel_values: torch.Tensor
+    grid: torch.Tensor
+
+
+@dataclass
+class _Group:
+    gid: int
+    sample_index: int
+    seqs: list = field(default_factory=list)
+    vision: dict = field(default_factory=dict)   # MediaItem.key -> (pixel_values, grid, embeds)
+    forked: bool = False
+    live: int = 0
+
+
+class _Seq:
+    def __init__(self, sid, group, rollout_index, env, gen, prompt_ids, prompt_pos, cursor, blocks, traj):
+        self.sid, self.group, self.rollout_index, self.env, self.gen = sid, group, rollout_index, env, gen
+        self.tokens = list(prompt_ids)
+        self.mask = [False] * len(prompt_ids)
+        self.logprobs = [0.0] * len(prompt_ids)
+        self.pos = torch.empty(3, max(256, 2 * len(prompt_ids)), dtype=torch.long)
+        self.pos[:, :len(prompt_ids)] = prompt_pos
+        self.cursor = cursor
+        self.blocks = list(blocks)
+        self.traj = traj
+        self.known = len(prompt_ids)      # tokens the scheduler knows about
+        self.round_start = len(prompt_ids)
+        self.round_len = 0
+        self.truncated = False
+        self.done = False
+        self.sched_finished = False
+
+    def push_pos(self, p_3n: torch.Tensor) -> None:
+        n0, k = len(self.tokens) - p_3n.shape[1], p_3n.shape[1]
+        self._grow(n0 + k)
+        self.pos[:, n0:n0 + k] = p_3n
+
+    def push_text_pos(self) -> None:
+        n = len(self.tokens) - 1
+        self._grow(n + 1)
+        self.pos[:, n] = self.cursor.next_position
+        self.cursor.next_position += 1
+
+    def _grow(self, need: int) -> None:
+        if need > self.pos.shape[1]:
+            new = torch.empty(3, max(need, 2 * self.pos.shape[1]), dtype=torch.long)
+            new[:, :self.pos.shape[1]] = self.pos
+            self.pos = new
+
+
+def positions_for(cursor: MRopeCursor, ids: list[int], media: list, image_pad: int, video_pad: int) -> torch.Tensor:
+    """(3, len(ids)) positions of appended ids; `media` = (kind, grid, second_per_grid_t) per pad run."""
+    out, i, n, it = [], 0, len(ids), iter(media)
+    while i < n:
+        pad = ids[i] in (image_pad, video_pad)
+        j = i + 1
+        while j < n and (ids[j] in (image_pad, video_pad)) == pad and (not pad or ids[j] == ids[i]):
+            j += 1
+        if pad:
+            kind, grid, sgt = next(it)
+            p = cursor.vision(grid, video=kind == "video", second_per_grid_t=sgt)
+            if p.shape[1] != j - i:
+                raise ValueError(f"positions_for: a {kind} run of {j - i} pads, but its grid needs {p.shape[1]}")
+            out.append(p)
+        else:
+            out.append(cursor.text(j - i))
+        i = j
+    return torch.cat(out, dim=1) if out else torch.zeros(3, 0, dtype=torch.long)
+
+
+# --- the engine -------------------------------------------------------------------------------------------
+
+
+class RolloutEngine:
+    def __init__(self, model, processor, *, max_rounds: int = 5, max_new_tokens: int = 512,
+                 max_batch_tokens: int = 4096, kv_budget_tokens: int | None = None, block_size: int = 16,
+                 media_config=None, frame_cache=None, dtype=None, attention: str = "auto",
+                 max_num_seqs: int = 256, scheduler_impl: str = "auto", num_workers: int = 1,
+                 env_factory=None, forced_rounds=None):
+        for name, v, low in (("max_rounds", max_rounds, 1), ("max_new_tokens", max_new_tokens, 1),
+                             ("max_batch_tokens", max_batch_tokens, 1), ("block_size", block_size, 1),
+                             ("max_num_seqs", max_num_seqs, 1), ("num_workers", num_workers, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"RolloutEngine: {name} must be an int >= {low}, got {v!r}")
+        if kv_budget_tokens is not None and (not isinstance(kv_budget_tokens, int) or kv_budget_tokens < block_size):
+            raise ValueError(f"RolloutEngine: kv_budget_tokens must be an int >= block_size, got {kv_budget_tokens!r}")
+        self.model, self.processor = model, processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.chat = ChatTokens(self.tokenizer)
+        self.max_rounds, self.max_new_tokens = max_rounds, max_new_tokens
+        self.media_config, self.frame_cache = media_config, frame_cache
+        self.env_factory = env_factory
+        # test-only hook: forced_rounds(sample_index, rollout_index, round_index) -> token ids or None;
+        # scripted tokens replace sampling for that round (they still run the whole decode path)
+        self.forced_rounds = forced_rounds
+        self.scheduler_impl = scheduler_impl
+        self.num_workers = num_workers
+        m = modeling.inner(model)
+        tc = m.language_model.config
+        self.device = next(model.parameters()).device
+        self.dtype = dtype or next(m.language_model.parameters()).dtype
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        num_blocks = -(-(kv_budget_tokens or 65536) // block_size)
+        self.sched_config = SchedulerConfig(max_num_batched_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
+                                            block_size=block_size, num_blocks=num_blocks,
+                                            max_prefill_chunk=max_batch_tokens)
+        self.pool = PagedKVPool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim,
+                                dtype=self.dtype, device=self.device)
+        choice = attention if attention != "auto" else envs.attention()
+        if choice not in ("auto", "sdpa", "flash"):
+            raise ValueError(f"RolloutEngine: attention must be 'auto', 'sdpa' or 'flash', got {attention!r}")
+        flash_ok = attn.flash_available(block_size, self.device)
+        if choice == "flash" and not flash_ok:
+            raise ValueError("RolloutEngine: attention='flash' needs CUDA, flash-attn and block_size % 256 == 0")
+        self.attn_backend = "flash" if flash_ok and choice != "sdpa" else "sdpa"
+        c = self.chat
+        self.suppress_ids = torch.tensor([c.vision_start, c.vision_end, c.image_pad, c.video_pad, c.im_start],
+                                         device=self.device)
+        self._pieces: dict[int, str] = {}
+        self.stats: dict = {}
+
+    # --- public ---------------------------------------------------------------------------------------
+
+    def generate(self, samples, *, num_generations: int = 8, temperature: float = 0.9, top_k: int = 50,
+                 top_p: float = 1.0, greedy: bool = False, seed: int = 0) -> list[list[Trajectory]]:
+        if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
+            raise ValueError(f"generate: num_generations must be an int >= 1, got {num_generations!r}")
+        samples = list(samples)
+        self.params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+        self.G, self.seed = num_generations, seed
+        self.sched = make_scheduler(self.sched_config, self.scheduler_impl)
+        self.results = [[None] * num_generations for _ in samples]
+        self.seqs: dict[int, _Seq] = {}
+        self.groups: dict[int, _Group] = {}
+        self.stats = dict(generated_tokens=0, prefill_tokens=0, decode_tokens=0, prefill_tokens_saved=0,
+                          prefix_tokens_shared=0, kv_reuse_tokens=0, visual_tokens=0, vision_tokens_encoded=0,
+                          vision_cache_hits=0, vision_cache_misses=0, wall_s=0.0, model_s=0.0, vision_s=0.0,
+                          env_s=0.0, env_wait_s=0.0, steps=0, preemptions=0, kv_budget_finishes=0, rounds=0)
+        t0 = time.perf_counter()
+        prev_attn = modeling.inner(self.model).language_model.config._attn_implementation
+        self.model.set_attn_implementation({"text_config": attn.register()})
+        try:
+            with ThreadPoolExecutor(self.num_workers) as workers, torch.no_grad():
+                self.workers = workers
+                self._run(samples)
+        finally:
+            self.model.set_attn_implementation({"text_config": prev_attn})
+            self.workers = None
+        st = self.stats
+        st["wall_s"] = time.perf_counter() - t0
+        st["prefill_tokens_saved"] = st["prefix_tokens_shared"] + st["kv_reuse_tokens"]
+        st["outside_model_frac"] = 1.0 - (st["model_s"] + st["vision_s"]) / max(st["wall_s"], 1e-9)
+        st["scheduler"] = self.sched.stats()
+        self.sched = None
+        return self.results
+
+    # --- main loop ------------------------------------------------------------------------------------
+
+    def _run(self, samples) -> None:
+        todo = deque(enumerate(samples))
+        self.futures: dict = {}    # Future -> ("prompt", sample_index) | ("obs", _Seq)
+        max_groups = max(2, -(-self.sched_config.max_num_seqs // self.G))
+        while todo or self.futures or self.groups:
+            while todo and len(self.groups) + sum(1 for k, _ in self.futures.values() if k == "prompt") < max_groups:
+                i, s = todo.popleft()
+                self.futures[self.workers.submit(self._prepare_prompt, s)] = ("prompt", i)
+            self._collect(block=False)
+            out = self.sched.schedule()
+            self.stats["preemptions"] += len(out.preempted)
+            for sid in out.finished:
+                s = self.seqs[sid]
+                s.sched_finished = True
+                self.stats["kv_budget_finishes"] += 1
+                self._finish(s, "kv_budget")
+            if out.scheduled:
+                self._step(out)
+            elif self.futures:
+                self._collect(block=True)
+            elif self.groups or todo:
+                raise RuntimeError(f"RolloutEngine: no sequence can run and no work is pending "
+                                   f"(scheduler stats {self.sched.stats()})")
+
+    def _collect(self, block: bool) -> None:
+        """Apply finished background work: new prompts (groups) and observations; one vision call per kind."""
+        if not self.futures:
+            return
+        if block:
+            t = time.perf_counter()
+            done, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
+            self.stats["env_wait_s"] += time.perf_counter() - t
+        else:
+            done = [f for f in self.futures if f.done()]
+        if not done:
+            return
+        ready = []
+        for f in done:
+            kind, who = self.futures.pop(f)
+            ready.append((kind, who, f.result()))   # re-raises worker errors here
+        # vision tower once per kind over every item not cached yet (per group cache by MediaItem.key)
+        need: dict = {}
+        for kind, who, res in ready:
+            group = None if kind == "prompt" else who.group
+            if kind == "obs" and who.done:
+                continue
+            items, prep = res[1], res[2]
+            for item, (pv, grid) in zip(items, prep):
+                if group is not None and item.key in group.vision:
+                    continue
+                need.setdefault((id(group), item.key), (item, pv, grid))
+        by_kind: dict = {"image": [], "video": []}
+        for k, (item, pv, grid) in need.items():
+            by_kind[item.kind].append((k, pv, grid))
+        computed = {}
+        t = time.perf_counter()
+        for kind, lst in by_kind.items():
+            if not lst:
+                continue
+            pv = torch.cat([p for _, p, _ in lst]).to(self.device)
+            grids = torch.stack([g for _, _, g in lst]).to(self.device)
+            embs = modeling.vision_embeds(self.model, pv, grids, video=kind == "video")
+            for (k, p, g), e in zip(lst, embs):
+                computed[k] = (p, g, e)
+                self.stats["vision_tokens_encoded"] += e.shape[0]
+        self.stats["vision_s"] += time.perf_counter() - t
+        for kind, who, res in ready:
+            if kind == "prompt":
+                env, items, prep, dt = res
+                self.stats["env_s"] += dt
+                self._add_group(who, env, items[0], computed[(id(None), items[0].key)])
+            elif not who.done:
+                obs, items, prep, dt = res
+                self.stats["env_s"] += dt
+                enc = []
+                for item in items:
+                    hit = who.group.vision.get(item.key)
+                    if hit is None:
+                        hit = who.group.vision[item.key] = computed[(id(who.group), item.key)]
+                        self.stats["vision_cache_misses"] += 1
+                    else:
+                        self.stats["vision_cache_hits"] += 1
+                    enc.append(hit)
+                self._apply_observation(who, obs, enc)
+
+    # --- worker-thread jobs (no model calls) -----------------------------------------------------------
+
+    def _make_env(self, sample):
+        if self.env_factory is not None:
+            return self.env_factory(sample)
+        from ..env import ManipulationEnv, MediaConfig
+        return ManipulationEnv(sample, cache=self.frame_cache, config=self.media_config or MediaConfig())
+
+    def _prepare_prompt(self, sample):
+        t = time.perf_counter()
+        env = self._make_env(sample)
+        item = env.main_video()
+        prep = preprocess_items([item], self.processor, self.dtype)
+        return env, [item], prep, time.perf_counter() - t
+
+    def _run_env(self, env, text):
+        t = time.perf_counter()
+        obs = env.step(text)
+        prep = preprocess_items(obs.media, self.processor, self.dtype)
+        return obs, list(obs.media), prep, time.perf_counter() - t
+
+    # --- groups and observations ----------------------------------------------------------------------
+
+    def _add_group(self, sample_index: int, env, item, enc) -> None:
+        pv, grid, emb = enc
+        c = self.chat
+        ntok = num_media_tokens(grid)
+        ids = c.prompt(env.question, [(item.kind, ntok)])
+        cursor = MRopeCursor(tokens_per_second=self._tps(), spatial_merge=self._merge())
+        pos = positions_for(cursor, ids, [(item.kind, grid, item.second_per_grid_t)], c.image_pad, c.video_pad)
+        offset = ids.index(c.video_pad if item.kind == "video" else c.image_pad)
+        group = _Group(gid=sample_index, sample_index=sample_index, live=self.G)
+        group.vision[item.key] = enc
+        sids = self.sched.add_group(sample_index, len(ids), self.G)
+        block = _Block(item, offset, emb, pv, grid)
+        for r, sid in enumerate(sids):
+            traj = Trajectory(sample_index=sample_index, rollout_index=r)
+            gen = rollout_generator(self.seed, sample_index, r, device=self.device)
+            s = _Seq(sid, group, r, env.fork(), gen, ids, pos, cursor.copy(), [block], traj)
+            group.seqs.append(s)
+            self.seqs[sid] = s
+        self.groups[sample_index] = group
+
+    def _apply_observation(self, s: _Seq, obs, enc) -> None:
+        t = s.traj
+        t.actions.append(obs.action)
+        t.observations.append(obs)
+        if obs.done:
+            self._finish(s, "answer")
+            return
+        c = self.chat
+        media = [(item.kind, num_media_tokens(g)) for item, (_, g, _) in zip(obs.media, enc)]
+        ids = c.observation(obs.text, media)
+        base = len(s.tokens)
+        self.stats["kv_reuse_tokens"] += base
+        pos = positions_for(s.cursor, ids, [(item.kind, g, item.second_per_grid_t)
+                                            for item, (_, g, _) in zip(obs.media, enc)], c.image_pad, c.video_pad)
+        starts = [i for i, x in enumerate(ids) if x == c.vision_start]
+        for item, (pv, g, e), st in zip(obs.media, enc, starts):
+            s.blocks.append(_Block(item, base + st + 1, e, pv, g))
+        s.tokens.extend(ids)
+        s.mask.extend([False] * len(ids))
+        s.logprobs.extend([0.0] * len(ids))
+        s.push_pos(pos)
+        s.round_start, s.round_len, s.truncated = len(s.tokens), 0, False
+        self._sync(s)
+
+    def _sync(self, s: _Seq) -> None:
+        n = len(s.tokens) - s.known
+        if n:
+            self.sched.append_tokens(s.sid, n)
+            s.known += n
+
+    # --- one engine step --------------------------------------------------------------------------------
+
+    def _step(self, out) -> None:
+        chunks = out.scheduled
+        bs = self.pool.block_size
+        ids, pos, slots, q_starts, q_lens, ctx, tables, media_rows = [], [], [], [], [], [], [], []
+        for c in chunks:
+            s = self.seqs[c.seq_id]
+            a, b = c.start, c.start + c.num_tokens
+            q_starts.append(len(ids))
+            ids.extend(s.tokens[a:b])
+            pos.append(s.pos[:, a:b])
+            t = c.block_ids
+            slots.extend(t[p // bs] * bs + p % bs for p in range(a, b))
+            q_lens.append(c.num_tokens)
+            ctx.append(b)
+            tables.append(t)
+            if c.is_prefill:
+                for blk in s.blocks:
+                    lo, hi = max(a, blk.offset), min(b, blk.offset + blk.embeds.shape[0])
+                    if lo < hi:
+                        media_rows.append((q_starts[-1] + lo - a, hi - lo, blk.embeds, lo - blk.offset))
+                self.stats["prefill_tokens"] += c.num_tokens
+            else:
+                self.stats["decode_tokens"] += 1
+        t0 = time.perf_counter()
+        m = modeling.inner(self.model)
+        ids_L = torch.tensor(ids, device=self.device)
+        x_LD = m.get_input_embeddings()(ids_L)
+        for row, n, emb, src in media_rows:
+            x_LD[row:row + n] = emb[src:src + n].to(x_LD.dtype)
+        pos_3L = torch.cat(pos, dim=1).to(self.device)
+        meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
+        cache = StepCache(self.pool, torch.tensor(slots, device=self.device))
+        hidden = modeling.text_forward(self.model, x_LD[None], pos_3L[:, None, :], past_key_values=cache,
+                                       attention_mask={"full_attention": None, "sliding_attention": None},
+                                       paged=meta)
+        sampling = [(c, q_starts[i] + c.num_tokens - 1) for i, c in enumerate(chunks) if c.samples]
+        logits_NV = None
+        if sampling:
+            rows = torch.tensor([r for _, r in sampling], device=self.device)
+            logits_NV = modeling.lm_head(self.model)(hidden[0].index_select(0, rows)).float()
+        self.stats["model_s"] += time.perf_counter() - t0
+        self.stats["steps"] += 1
+        for c in chunks:
+            self.sched.update(c.seq_id, c.num_tokens)
+        # forks: followers take the leader's last prompt logits (prefix sharing)
+        who, rows = [], []
+        for k, (c, _) in enumerate(sampling):
+            s = self.seqs[c.seq_id]
+            who.append(s)
+            rows.append(k)
+            g = s.group
+            if s.rollout_index == 0 and not g.forked and c.start + c.num_tokens == len(s.tokens) == s.round_start:
+                g.forked = True
+                for f in self.sched.fork_ready(g.gid):
+                    if f.copy_src >= 0:
+                        self.pool.copy_rows(f.copy_src, f.copy_dst, f.copy_rows)
+                    child = self.seqs[f.child]
+                    self.stats["prefix_tokens_shared"] += len(child.tokens)
+                    who.append(child)
+                    rows.append(k)
+        if not who:
+            return
+        logits = logits_NV if len(who) == len(sampling) else logits_NV[torch.tensor(rows, device=logits_NV.device)]
+        tokens, lps = sample(logits, self.params, [s.gen for s in who], self.suppress_ids)
+        tokens, lps = tokens.tolist(), lps.tolist()
+        if self.forced_rounds is not None:
+            for k, s in enumerate(who):
+                script = self.forced_rounds(s.group.sample_index, s.rollout_index, len(s.traj.rounds))
+                if script is not None and s.round_len < len(script):
+                    tokens[k] = int(script[s.round_len])
+                    lps[k] = float((logits[k] / self.params.temperature).log_softmax(-1)[tokens[k]])
+        for s, tok, lp in zip(who, tokens, lps):
+            self._on_token(s, tok, lp)
+
+    # --- tokens, rounds, finishing ----------------------------------------------------------------------
+
+    def _piece(self, tok: int) -> str:
+        p = self._pieces.get(tok)
+        if p is None:
+            p = self._pieces[tok] = self.tokenizer.decode([tok])
+        return p
+
+    def _on_token(self, s: _Seq, tok: int, lp: float) -> None:
+        s.tokens.append(tok)
+        s.mask.append(True)
+        s.logprobs.append(lp)
+        s.push_text_pos()
+        s.round_len += 1
+        self.stats["generated_tokens"] += 1
+        if tok == self.chat.im_end:
+            self._end_round(s, sampled_end=True)
+        elif has_line_break(self._piece(tok)) and action_line_done(self.chat.decode(s.tokens[s.round_start:])):
+            self._end_round(s, sampled_end=False)
+        elif s.round_len >= self.max_new_tokens:
+            s.truncated = True
+            self._end_round(s, sampled_end=False)
+        else:
+            self._sync(s)
+
+    def _end_round(self, s: _Seq, sampled_end: bool) -> None:
+        end = len(s.tokens)
+        text = self.chat.decode(s.tokens[s.round_start:end - (1 if sampled_end else 0)])
+        if not sampled_end:   # injected <|im_end|>: keeps Qwen's turn format, never trained on
+            s.tokens.append(self.chat.im_end)
+            s.mask.append(False)
+            s.logprobs.append(0.0)
+            s.push_text_pos()
+        t = s.traj
+        t.rounds.append((s.round_start, end))
+        t.round_texts.append(text)
+        self.stats["rounds"] += 1
+        if has_answer(text):
+            obs = s.env.step(text)
+            t.actions.append(obs.action)
+            t.observations.append(obs)
+            if obs.done:
+                self._finish(s, "answer")
+                return
+            t.actions.pop()
+            t.observations.pop()
+        if len(t.rounds) >= self.max_rounds:
+            t.actions.append(parse_action(text))
+            t.observations.append(None)
+            self._finish(s, "max_new_tokens" if s.truncated else "max_rounds")
+            return
+        self.sched.await_observation(s.sid)
+        self.futures[self.workers.submit(self._run_env, s.env, text)] = ("obs", s)
+
+    def _finish(self, s: _Seq, reason: str) -> None:
+        if s.done:
+            return
+        s.done = True
+        if not s.sched_finished:
+            self.sched.finish(s.sid)
+        t = s.traj
+        if reason == "kv_budget" and s.round_len and (not t.rounds or t.rounds[-1][0] != s.round_start):
+            t.rounds.append((s.round_start, len(s.tokens)))   # the partial round it was generating
+            t.round_texts.append(self.chat.decode(s.tokens[s.round_start:]))
+            t.actions.append(None)
+            t.observations.append(None)
+        t.finish_reason = reason
+        t.token_ids, t.generated_mask, t.logprobs = s.tokens, s.mask, s.logprobs
+        t.position_ids = s.pos[:, :len(s.tokens)].clone()
+        t.media = [b.item for b in s.blocks]
+        imgs = [b for b in s.blocks if b.item.kind == "image"]
+        vids = [b for b in s.blocks if b.item.kind == "video"]
+        if imgs:
+            t.pixel_values = torch.cat([b.pixel_values for b in imgs])
+            t.image_grid_thw = torch.stack([b.grid for b in imgs]).long()
+        if vids:
+            t.pixel_values_videos = torch.cat([b.pixel_values for b in vids])
+            t.video_grid_thw = torch.stack([b.grid for b in vids]).long()
+            t.second_per_grid_ts = torch.tensor([float(b.item.second_per_grid_t) for b in vids])
+        self.stats["visual_tokens"] += sum(b.embeds.shape[0] for b in s.blocks)
+        g = s.group
+        self.results[g.sample_index][s.rollout_index] = t
+        del self.seqs[s.sid]
+        s.env = s.blocks = None
+        g.live -= 1
+        if g.live == 0:
+            g.seqs.clear()
+            g.vision.clear()
+            del self.groups[g.gid]
+
+    # --- model facts --------------------------------------------------------------------------------------
+
+    def _tps(self) -> float:
+        return modeling.inner(self.model).config.vision_config.tokens_per_second
+
+    def _merge(self) -> int:
+        return modeling.inner(self.model).config.vision_config.spatial_merge_size
