@@ -45,20 +45,6 @@ def step(s, *, sample: bool = True) -> list[tuple]:
     return chunks(out)
 
 
-def run_prompt(s, group_id: int, leader: int) -> list:
-    """Step until the leader's prompt is computed, then fork (as the engine does) and sample first tokens."""
-    for _ in range(1000):
-        out = s.schedule()
-        for c in out.scheduled:
-            s.update(c.seq_id, c.num_tokens)
-        if any(c.seq_id == leader and c.samples for c in out.scheduled):
-            forks = list(s.fork_ready(group_id))
-            for sid in [leader] + [f.child for f in forks]:
-                s.append_tokens(sid, 1)
-            return forks
-    raise AssertionError("leader prompt never completed")
-
-
 # --- validation ----------------------------------------------------------------------------------------
 
 
@@ -249,8 +235,7 @@ def test_followers_fork_from_leader_sharing_full_blocks(impl, prompt_len):
 def test_followers_recompute_when_engine_skips_fork_or_leader_finishes(impl):
     s = create_scheduler(impl)
     a = create_group(s, 0, 10, 3)
-    run_prompt_without_fork = step(s)
-    assert run_prompt_without_fork[0][5]  # the leader's prompt is done (samples)
+    assert step(s)[0][5]  # the leader's prompt is done (samples), and the engine does not call fork_ready
     out = step(s)  # no fork_ready: followers stop waiting and prefill their own prompt
     assert {c[0] for c in out if c[1] == 0 and c[3]} == set(a[1:])
     b = create_group(s, 1, 10, 2)
@@ -285,6 +270,32 @@ def test_preempts_most_recent_and_recomputes_from_zero(impl):
     out = s.schedule()
     assert [(c.seq_id, c.start, c.num_tokens, c.samples) for c in out.scheduled] == [(new, 0, n_new, True)]
     assert s.stats()["num_preemptions"] == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_preempted_follower_recomputes_its_whole_sequence_itself(impl):
+    s = create_scheduler(impl, block_size=4, num_blocks=4)
+    leader, child = create_group(s, 0, 8, 2)  # the prompt fills blocks 0-1 exactly: shared, nothing copied
+    step(s, sample=False)
+    (fork,) = s.fork_ready(0)
+    shared = s.block_table(leader)
+    assert list(fork.block_ids) == shared and s.block_ref_count(shared[0]) == 2
+    s.append_tokens(leader, 1)
+    s.append_tokens(child, 1)
+    for _ in range(10):  # both decode into a block each; at row 12 the leader needs the child's
+        out = s.schedule()
+        if out.preempted:
+            break
+        for c in out.scheduled:
+            s.update(c.seq_id, 1)
+            s.append_tokens(c.seq_id, 1)
+    assert list(out.preempted) == [child] and [c.seq_id for c in out.scheduled] == [leader]
+    assert s.block_table(child) == [] and [s.block_ref_count(b) for b in shared] == [1, 1]
+    s.update(leader, 1)
+    s.finish(leader)
+    (c,) = s.schedule().scheduled
+    assert (c.seq_id, c.start, c.is_prefill, c.samples) == (child, 0, True, True)
+    assert c.num_tokens == s.num_tokens(child) > 8
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -475,14 +486,9 @@ def sched_finished(s, sid) -> bool:
     return s.seq_state(sid) == "finished"
 
 
-SIM_CONFIGS = [  # tight pools force preemption; tiny seat and token budgets force queueing
-    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, block_size=4, num_blocks=40, max_prefill_chunk=16),
-    SchedulerConfig(max_num_batched_tokens=7, max_num_seqs=3, block_size=1, num_blocks=120, max_prefill_chunk=5),
-    SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=32, block_size=16, num_blocks=24,
-                    max_prefill_chunk=97),
-    SchedulerConfig(max_num_batched_tokens=33, max_num_seqs=2, block_size=2, num_blocks=60, max_prefill_chunk=64),
-    SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64, block_size=8, num_blocks=400,
-                    max_prefill_chunk=128),
+SIM_CONFIGS = [  # (tokens, seats, block size, blocks, chunk): tight pools preempt, small budgets queue
+    SchedulerConfig(*c) for c in [(64, 8, 4, 40, 16), (7, 3, 1, 120, 5), (256, 32, 16, 24, 97), (33, 2, 2, 60, 64),
+                                  (512, 64, 8, 400, 128)]
 ]
 
 

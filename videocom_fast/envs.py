@@ -6,6 +6,7 @@ VIDEOCOM_PROTOCOL         "auto" (default: C++ core when built), "cpp", or "pyth
 VIDEOCOM_DECODER          force a video decoder: "auto" (default), "dali", "torchcodec", "pyav"
 VIDEOCOM_FRAME_CACHE_MB   byte budget of the shared frame cache in MiB (default 2048)
 VIDEOCOM_ATTENTION        rollout/training attention: "auto" (flash-attn when importable, else sdpa), "sdpa"
+VIDEOCOM_SCHEDULER        rollout scheduler: "auto" (default: C++ when built), "cpp", "python" (the twin)
 VIDEOCOM_CUDA             build time only (CMake): AUTO | ON | OFF
 """
 import os
@@ -33,3 +34,7 @@ def frame_cache_bytes() -> int:
 
 def attention() -> str:
     return _get("VIDEOCOM_ATTENTION", "auto")
+
+
+def scheduler_impl() -> str:
+    return _get("VIDEOCOM_SCHEDULER", "auto")

@@ -226,7 +226,8 @@ void Scheduler::finish(int64_t seq_id) {
 //    with no free row left it preempts the most recently admitted resident sequence not scheduled this step
 //    (possibly itself: then it waits) until it fits.
 // 3. Waiting sequences, FCFS (preempted ones at the front), while the budget lasts, a seat is free (a leader
-//    also needs seats for its followers) and its first chunk's blocks are free. Admission never preempts.
+//    also needs seats for its followers) and its first chunk's blocks are free. Admission never preempts,
+//    and is skipped in a step that preempted (a victim would be re-admitted at once).
 // A sequence whose known tokens need more blocks than the whole pool is finished ("kv_budget").
 // Ends by checking the invariants (std::logic_error if broken).
 SchedulerOutput Scheduler::schedule() {
@@ -253,7 +254,7 @@ SchedulerOutput Scheduler::schedule() {
     }
   }
   size_t i = 0;
-  while (budget > 0 && i < waiting_.size()) {
+  while (budget > 0 && out.preempted.empty() && i < waiting_.size()) {
     Seq& s = seqs_[static_cast<size_t>(waiting_[i])];
     if (s.awaiting_obs) {
       ++i;

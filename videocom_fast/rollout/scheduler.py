@@ -4,7 +4,7 @@ Design note. The engine holds the model, the tokens and the KV tensors; the sche
 block tables (after vLLM v1's `core/sched`, rewritten for Video-CoM's multi-turn rollouts). Two budgets bind
 every step: `max_num_batched_tokens` (compute) and `num_blocks` KV blocks of `block_size` rows (memory).
 
-    waiting -> prefill (chunked) -> decode -> awaiting observation -> prefill observation -> decode ... finished
+    waiting -> prefill (chunked) -> decode -> awaiting observation -> prefill observation -> decode .. finished
                  ^------------ preempted: KV freed, recomputed from token 0 -------------'
 
 A group (the G rollouts of one prompt) computes its prompt ONCE, in its leader. Followers sit in
@@ -39,6 +39,9 @@ class SchedulerConfig:
     block_size: int = 16                 # KV rows per block
     num_blocks: int = 4096               # KV blocks in the pool
     max_prefill_chunk: int = 512         # largest prefill chunk of one sequence in one step
+
+
+_CONFIG_FIELDS = ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_blocks", "max_prefill_chunk")
 
 
 @dataclass
@@ -110,7 +113,7 @@ class Scheduler:
     """Pure-Python scheduler (the twin of videocom_fast._C.Scheduler; same API, same outputs)."""
 
     def __init__(self, config: SchedulerConfig):
-        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_blocks", "max_prefill_chunk"):
+        for name in _CONFIG_FIELDS:
             _check_int(f"config.{name}", getattr(config, name), 1)
         self.config = config
         self._bs = config.block_size
@@ -274,7 +277,7 @@ class Scheduler:
            scheduled this step (possibly itself: then it waits) until it fits.
         3. Waiting sequences, FCFS (preempted ones at the front), while the budget lasts, a seat is free
            (a leader also needs seats for its followers) and its first chunk's blocks are free. Admission
-           never preempts.
+           never preempts, and is skipped in a step that preempted (a victim would be re-admitted at once).
         A sequence whose known tokens need more blocks than the whole pool is finished ("kv_budget").
         Ends by checking the invariants (RuntimeError if broken).
         """
@@ -304,7 +307,7 @@ class Scheduler:
                 if n:
                     budget -= self._schedule_chunk(s, n, not is_decode, out)
         i = 0
-        while budget > 0 and i < len(self._waiting):
+        while budget > 0 and not out.preempted and i < len(self._waiting):
             s = self._seqs[self._waiting[i]]
             if s.awaiting_obs:
                 i += 1
@@ -501,7 +504,7 @@ def make_scheduler(config: SchedulerConfig | None = None, impl: str = "auto"):
         raise ImportError("make_scheduler(impl='cpp'): the C++ core (videocom_fast._C) has no Scheduler")
     from .. import _C
     c = _C.SchedulerConfig()
-    for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "num_blocks", "max_prefill_chunk"):
+    for name in _CONFIG_FIELDS:
         setattr(c, name, getattr(config, name))
     return _C.Scheduler(c)
 
