@@ -1,9 +1,9 @@
 """Video-CoM data: the SFT/GRPO JSON schema (`schema.py`) and the synthetic default dataset (`synth.py`)."""
 
 
-def load_samples(path, kind: str = "sft"):
+def load_samples(path, kind: str = "sft", **kwargs):
     from .schema import load_samples as _load
-    return _load(path, kind=kind)
+    return _load(path, kind=kind, **kwargs)
 
 
 def synthesize(out_dir, num_samples: int = 64, seed: int = 0, **kwargs):
