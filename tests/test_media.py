@@ -108,7 +108,8 @@ def test_indices_as_tensor_array_range(videos):
     assert src.get_frames([]).shape == (0, src.height, src.width, 3)
 
 
-@pytest.mark.parametrize("bad, where", [([0, N], "indices[1]"), ([-1], "indices[0]"), ([1, 2.0], "indices[1]"),
+@pytest.mark.parametrize("bad, where", [([0, N], "indices[1]"), ([-1], "indices[0]"),
+                                        ([1, 2.0], "indices[1]"),
                                         ([True], "indices[0]"), (["3"], "indices[0]")])
 def test_bad_indices_name_the_index(videos, bad, where):
     src = open_video(videos["h264"][0], backend="pyav")

@@ -55,11 +55,12 @@ def test_labels_name_the_right_segment_and_frame(pair):
         assert np.abs(top - _label_patch(f"Segment-{seg}", size, lw)).mean() < 6
         assert np.abs(bottom - _label_patch(f"Frame-{i + 1}", size, lw)).mean() < 6
         assert _closer(top, f"Segment-{seg}", [f"Segment-{3 - seg}", f"Segment-{seg + 2}"], size, lw)
-        assert _closer(bottom, f"Frame-{i + 1}", [f"Frame-{i + 2}", f"Frame-{i}", f"Frame-{i + 11}"], size, lw)
+        wrong = [f"Frame-{i + 2}", f"Frame-{i}", f"Frame-{i + 11}"]
+        assert _closer(bottom, f"Frame-{i + 1}", wrong, size, lw)
 
 
 def _closer(line, right, wrongs, size, lw) -> bool:
-    """On the pixels where the right and a wrong label differ, the decoded line is much nearer the right one."""
+    """Where the right and a wrong label differ, the decoded line is much nearer the right one."""
     r = _label_patch(right, size, lw).astype(np.int16)
     for wrong in wrongs:
         w = _label_patch(wrong, size, lw).astype(np.int16)

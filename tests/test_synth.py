@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from videocom_fast import protocol
 from videocom_fast.data import synthesize
@@ -50,9 +51,9 @@ def test_deterministic_per_seed(data, tmp_path):
     seed, _, _, d = data
     again = synthesize(tmp_path / "b", num_samples=NUM, seed=seed, fps=FPS, seconds=SECONDS, workers=1)
     assert json.load(open(again["grpo"])) == d["grpo"] and json.load(open(again["sft"])) == d["sft"]
-    a = open_video(data[2]["videos"][0]).get_frames([5, 60]).numpy()
-    b = open_video(again["videos"][0]).get_frames([5, 60]).numpy()
-    assert np.array_equal(a, b)
+    # byte-identical videos, though the first run used 2 worker processes and this one a single process
+    for va, vb in zip(data[2]["videos"], again["videos"]):
+        assert open(va, "rb").read() == open(vb, "rb").read()
     other = synthesize(tmp_path / "c", num_samples=2, seed=seed + 1, fps=FPS, seconds=SECONDS)
     assert json.load(open(other["grpo"])) != d["grpo"][:1]
 
@@ -110,9 +111,10 @@ def test_character_colour_matches_the_answer(data):
         src = open_video(_abs(paths, s["video"]))
         f, (x1, y1, x2, y2) = s["valid_bounding_box"][len(s["valid_bounding_box"]) // 2]
         crop = src.get_frames([f - 1])[0].numpy()[y1:y2, x1:x2].reshape(-1, 3).astype(int)
-        ink = crop[np.abs(crop - TAG_BG).max(axis=1) > 60]
+        far = np.abs(crop - TAG_BG).sum(axis=1)
+        ink = np.median(crop[far >= np.quantile(far, 0.9)], axis=0)   # the strongest 10%: glyph cores
         colour = s["conversations"][1]["value"].split(". ", 1)[1]
-        dist = {name: np.abs(ink - np.array(rgb)).mean() for name, rgb in COLOURS.items()}
+        dist = {name: np.abs(ink - np.array(rgb)).sum() for name, rgb in COLOURS.items()}
         assert min(dist, key=dist.get) == colour
 
 
@@ -142,7 +144,7 @@ def test_gold_chain_replays_through_the_env(data):
             elif k == 1:
                 (item,) = obs.media
                 assert item.indices == (media["frame"] - 1,) and "bbox" not in media
-                png = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(_abs(paths, media["image"])))
+                png = np.asarray(Image.open(_abs(paths, media["image"])))
                 assert np.array_equal(png, item.frames[0].numpy())   # the PNG is the decoded frame
             else:
                 assert [list(m.box) for m in obs.media] == media["bbox"]

@@ -6,8 +6,8 @@ Each video: a smooth textured background that pans, 3-5 coloured shapes bouncing
 Segment/Frame label of spec section 1 burned in (media.overlay). In ONE segment a small tag (a light
 square carrying a coloured letter or digit) appears for a few frames at one place. The question asks
 which character, or which colour, the tag showed; 4 options on one line. Deterministic per seed (one
-numpy generator per sample, seeded with (seed, index); single-threaded encoders); videos are H.264 mp4 (or VP9 webm, codec="vp9"),
-2 s GOPs so seeks are cheap. Two worker processes write the videos.
+numpy generator per sample, seeded with (seed, index); single-threaded encoders). Videos are H.264 mp4
+(or VP9 webm, codec="vp9") with 2 s GOPs so seeks are cheap; two worker processes write them.
 
 Files written under out_dir (paths inside the JSON are relative to the JSON file's directory):
     videos/sample_0000.mp4      the overlayed video
@@ -17,10 +17,12 @@ Files written under out_dir (paths inside the JSON are relative to the JSON file
 
 SFT sample (the reference's sft_dataset.py format, spec section 5):
     {"id": "sample_0000", "video": "videos/sample_0000.mp4", "conversations": [
-      {"from": "human", "value": "<video>\\n<tool instructions>\\nQuestion: ...\\nOptions: A. x, B. y, C. z, D. w",
+      {"from": "human",
+       "value": "<video>\\n<tool instructions>\\nQuestion: ...\\nOptions: A. x, B. y, C. z, D. w",
        "segment_frame_list": {"3": [123]}},
       {"from": "gpt",   "value": "<reasoning> FIND_SEGMENT(<desc>) = [3]"},
-      {"from": "human", "value": "<video>\\nContinue solving the question after rewatching the selected segment.",
+      {"from": "human",
+       "value": "<video>\\nContinue solving the question after rewatching the selected segment.",
        "media": {"type": "video", "time_ranges": [{"start": 20.0, "end": 30.0}], "frame_list": [123]}},
       {"from": "gpt",   "value": "<reasoning> FIND_FRAME(<desc>) = [123]"},
       {"from": "human", "value": "<image>\\nContinue solving the question with the selected frame.",
@@ -64,8 +66,8 @@ INSTRUCTIONS = (
     "Finish with FINAL_ANSWER: <letter>. <option>."
 )
 CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ2345679"   # no look-alikes (0/O, 1/I, 8/B)
-COLOURS = {"red": (230, 30, 30), "green": (20, 170, 40), "blue": (30, 60, 230), "orange": (245, 140, 0),
-           "purple": (140, 40, 200), "black": (10, 10, 10), "magenta": (230, 0, 200), "teal": (0, 140, 140)}
+COLOURS = {"red": (220, 20, 20), "green": (0, 160, 0), "blue": (20, 40, 230), "orange": (255, 150, 0),
+           "purple": (130, 0, 180), "black": (0, 0, 0)}   # far apart even after 4:2:0 chroma loss
 LETTERS = "ABCD"
 _SUFFIX = {"h264": ".mp4", "vp9": ".webm"}
 
@@ -106,7 +108,9 @@ def _tag_patch(char: str, colour, size: int) -> np.ndarray:
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=int(size * 0.8))
     l, t, r, b = draw.textbbox((0, 0), char, font=font)
-    draw.text(((size - (r - l)) / 2 - l, (size - (b - t)) / 2 - t), char, fill=tuple(colour), font=font)
+    # a stroke thickens the glyph: thin coloured strokes lose their colour to 4:2:0 chroma subsampling
+    draw.text(((size - (r - l)) / 2 - l, (size - (b - t)) / 2 - t), char, fill=tuple(colour), font=font,
+              stroke_width=max(1, size // 16), stroke_fill=tuple(colour))
     return np.asarray(img)
 
 
@@ -144,7 +148,8 @@ def _plan(index: int, seed: int, width: int, height: int, fps: int, seconds, ima
                            vx=float(rng.uniform(-3, 3)), vy=float(rng.uniform(-2, 2))))
     gold = start + length // 2                     # 0-based frame of the FIND_FRAME step
     margin = max(2, tag // 6)
-    box = (max(0, x - margin), max(0, y - margin), min(width, x + tag + margin), min(height, y + tag + margin))
+    box = (max(0, x - margin), max(0, y - margin),
+           min(width, x + tag + margin), min(height, y + tag + margin))
     rh, rw = image_hw
     zoom = [math.floor(box[0] * rw / width), math.floor(box[1] * rh / height),
             math.ceil(box[2] * rw / width), math.ceil(box[3] * rh / height)]
@@ -189,7 +194,7 @@ def _render(plan: dict, path: str, width: int, height: int, fps: int, codec: str
                     y, x, s = plan["y"], plan["x"], plan["tag"]
                     f[y:y + s, x:x + s] = tag
             draw_labels(frames, c0, n, fps)
-            encode(container, stream, frames)
+            encode(container, stream, frames, c0)
     finally:
         finish(container, stream)
 
@@ -242,7 +247,8 @@ def _sft_record(r: dict, fps: int, image_hw, width: int, height: int) -> dict:
                                  f"FIND_SEGMENT(the segment where the small tag appears) = [{s}]"},
         {"from": "human", "value": f"<video>\n{TEXT_SEGMENT}",
          "media": {"type": "video", "time_ranges": [{"start": t0, "end": t1}], "frame_list": [n]}},
-        {"from": "gpt", "value": f"The tag is visible in frame {n}. FIND_FRAME(the frame showing the tag) = [{n}]"},
+        {"from": "gpt",
+         "value": f"The tag is visible in frame {n}. FIND_FRAME(the frame showing the tag) = [{n}]"},
         {"from": "human", "value": f"<image>\n{TEXT_FRAME}",
          "media": {"type": "image", "image": r["frame_image"], "frame": n}},
         {"from": "gpt", "value": f"The tag is small. SPATIAL_ZOOM(the tag) = [{x1}, {y1}, {x2}, {y2}]"},

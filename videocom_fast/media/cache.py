@@ -60,6 +60,8 @@ class FrameCache:
         if not idx:
             return torch.empty((0, src.height, src.width, 3), dtype=torch.uint8)
         got = self._fetch(src, idx)
+        if len(idx) == 1:   # NOTE: a view of the cached frame, no copy: callers treat frames as read-only
+            return got[idx[0]].unsqueeze(0)
         return torch.stack([got[i] for i in idx])
 
     def _fetch(self, src, idx: list[int]) -> dict:

@@ -438,5 +438,6 @@ def _verify_full(src: VideoSource):
         src.get_frames(range(start, min(start + 64, src.num_frames)))
 
 
-__all__ = ["VideoError", "VideoSource", "VideoInfo", "PyAVSource", "TorchCodecSource", "DaliSource", "open_video",
+__all__ = ["VideoError", "VideoSource", "VideoInfo", "PyAVSource", "TorchCodecSource", "DaliSource",
+           "open_video",
            "probe", "choose_backend", "available_backends", "BACKENDS"]

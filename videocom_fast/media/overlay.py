@@ -3,7 +3,7 @@
 The model reads segment and frame numbers from these pixels, so the overlay and the executor must use
 one partition rule: `protocol.segment_ranges(total_frames, fps)`. Frame numbers are 1-based.
 
-    overlay_video("in.mp4", "out.mp4")            # keeps fps, size and frame count; codec "h264" | "vp9" | ...
+    overlay_video("in.mp4", "out.mp4")      # keeps fps, size and frame count; codec "h264" | "vp9" | ...
     frames_THWC = draw_labels(frames_THWC, first_index=0, total_frames=n, fps=fps)   # in place, numpy
 
 Rendering: PIL ImageDraw with Pillow's default font at a size proportional to the frame height, white
@@ -105,21 +105,31 @@ def open_encoder(out_path, width: int, height: int, fps, codec: str = "h264", *,
     rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
     stream = container.add_stream(ENCODERS[codec], rate=rate)
     stream.width, stream.height = width, height
+    stream.codec_context.time_base = 1 / rate
     stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
     if gop is not None:
         stream.codec_context.gop_size = gop
     if codec == "h264":
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        # NOTE: mbtree=0: with macroblock-tree rate control this libx264 encodes the same frames differently
+        # in the first and later encoders of a process (measured); without it the output is reproducible
+        stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "mbtree=0"}
     elif codec == "vp9":
         stream.options = {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1"}
     return container, stream
 
 
-def encode(container, stream, frames_THWC: np.ndarray):
+def encode(container, stream, frames_THWC: np.ndarray, first_index: int):
+    """Encode frames `first_index`, `first_index + 1`, ... of the stream.
+
+    NOTE: explicit timestamps (pts = frame index in 1/fps units): without them x264's rate control sees
+    made-up times and its output varies from run to run."""
     import av
 
-    for f in frames_THWC:
-        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+    for t, f in enumerate(frames_THWC):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+        frame.pts = first_index + t
+        frame.time_base = stream.codec_context.time_base
+        for packet in stream.encode(frame):
             container.mux(packet)
 
 
@@ -154,7 +164,7 @@ def overlay_video(in_path, out_path, codec: str = "h264") -> dict:
                     break
                 rgb = frame.to_ndarray(format="rgb24")[:height, :width].copy()
                 draw_label(rgb, int(seg[n]), n + 1)
-                encode(container, stream, rgb[None])
+                encode(container, stream, rgb[None], n)
                 n += 1
         finally:
             finish(container, stream)
