@@ -233,8 +233,10 @@ def _batch(encs: list[dict], pad_id: int, model) -> dict:
 
 def lockstep_rollouts(model, processor, envs: list, *, num_generations: int = 8, max_rounds: int = 5,
                       max_new_tokens: int = 512, temperature: float = 0.9, top_k: int = 50, top_p: float = 1.0,
-                      seed: int = 0) -> list[list[NaiveResult]]:
-    """All unfinished rollouts of all samples generate each round in ONE batched `generate` (full re-prefill)."""
+                      seed: int = 0, forced=None) -> list[list[NaiveResult]]:
+    """All unfinished rollouts of all samples generate each round in ONE batched `generate` (full re-prefill).
+
+    `forced(sample_index, rollout_index, round_index) -> ids | None` scripts rounds (those rows skip generate)."""
     install_original_rope_index(model)
     torch.manual_seed(seed)
     tok = processor.tokenizer
@@ -243,19 +245,27 @@ def lockstep_rollouts(model, processor, envs: list, *, num_generations: int = 8,
     for si, env in enumerate(envs):
         main = env.main_video()
         for _ in range(num_generations):
-            rollouts.append(dict(si=si, env=env.fork(), conv=Conversation(env.question, main), texts=[], finish=None))
+            rollouts.append(dict(si=si, ri=len([r for r in rollouts if r["si"] == si]), env=env.fork(),
+                                 conv=Conversation(env.question, main), texts=[], finish=None))
     for r in range(max_rounds):
         active = [ro for ro in rollouts if ro["finish"] is None]
         if not active:
             break
-        encs = [encode_conversation(processor, ro["conv"]) for ro in active]
-        ids, att, kw = _batch(encs, tok.pad_token_id, model)
-        L = ids.shape[1]
-        out = model.generate(ids, attention_mask=att, **kw, max_new_tokens=max_new_tokens, do_sample=True,
-                             temperature=temperature, top_k=top_k, top_p=top_p, suppress_tokens=suppress_ids(tok),
-                             eos_token_id=im_end, pad_token_id=tok.pad_token_id,
-                             stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]))
-        for ro, row in zip(active, out[:, L:].tolist()):
+        scripts = [forced(ro["si"], ro["ri"], r) if forced is not None else None for ro in active]
+        rows = [list(sc) if sc is not None else None for sc in scripts]
+        free = [i for i, sc in enumerate(scripts) if sc is None]
+        encs = [encode_conversation(processor, ro["conv"]) for ro in active]   # everyone re-prefills
+        if free:
+            ids, att, kw = _batch([encs[i] for i in free], tok.pad_token_id, model)
+            L = ids.shape[1]
+            out = model.generate(ids, attention_mask=att, **kw, max_new_tokens=max_new_tokens, do_sample=True,
+                                 temperature=temperature, top_k=top_k, top_p=top_p,
+                                 suppress_tokens=suppress_ids(tok), eos_token_id=im_end,
+                                 pad_token_id=tok.pad_token_id,
+                                 stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]))
+            for i, row in zip(free, out[:, L:].tolist()):
+                rows[i] = row
+        for ro, row in zip(active, rows):
             gen_ids, sampled_end, truncated = _cut_round(tok, row, im_end, max_new_tokens)
             conv = ro["conv"]
             conv.rounds.append(gen_ids)

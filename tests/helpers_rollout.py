@@ -94,12 +94,15 @@ def forced_scripts(samples, tokenizer, *, variant_newline: bool = True):
                          f"Zoom in. SPATIAL_ZOOM(the tag) = [{x1}, {y1}, {x2}, {y2}]"]
         return cache[si]
 
+    memo = {}
+
     def forced(si, ri, r):
-        t = texts(si)
-        if r >= len(t):
-            return None
-        ids = tokenizer(t[r], add_special_tokens=False)["input_ids"]
-        return ids + (tokenizer("\nand more", add_special_tokens=False)["input_ids"] if ri % 2 else [im_end])
+        key = (si, ri % 2, r)
+        if key not in memo:
+            t = texts(si)
+            memo[key] = None if r >= len(t) else tokenizer(t[r], add_special_tokens=False)["input_ids"] + (
+                tokenizer("\nand more", add_special_tokens=False)["input_ids"] if ri % 2 else [im_end])
+        return memo[key]
 
     return forced
 

@@ -45,19 +45,31 @@ class PagedBatch:
         self.prefill_chunks = [i for i in range(len(self.q_lens)) if self.q_lens[i] != 1]
 
     def decode_meta(self, device):
-        """(query rows (Nd,), padded block table (Nd, maxb), key mask (Nd, 1, 1, S)) for batched decodes."""
+        """Buckets of decodes with similar context lengths (less padding to gather): per bucket
+        (query rows (n,), padded block table (n, maxb), key mask (n, 1, 1, S))."""
         if "dec" not in self._cache:
-            dec = self.decode_chunks
             bs = self.pool.block_size
-            rows = torch.tensor([self.q_starts[i] for i in dec], device=device)
-            ctx = torch.tensor([self.ctx_lens[i] for i in dec], device=device)
-            maxb = max(-(-self.ctx_lens[i] // bs) for i in dec)
-            table = torch.zeros(len(dec), maxb, dtype=torch.long)
-            for r, i in enumerate(dec):
-                nb = -(-self.ctx_lens[i] // bs)
-                table[r, :nb] = torch.as_tensor(self.block_tables[i][:nb])
-            mask = (torch.arange(maxb * bs, device=device)[None, :] < ctx[:, None])[:, None, None, :]
-            self._cache["dec"] = (rows, table.to(device), mask)
+            order = sorted(self.decode_chunks, key=lambda i: self.ctx_lens[i])
+            buckets, cur = [], []
+            for i in order:
+                # NOTE: a new bucket when padding to this length would waste over a quarter of the gather
+                if cur and len(buckets) < 7 and self.ctx_lens[i] > 1.25 * self.ctx_lens[cur[0]] + bs:
+                    buckets.append(cur)
+                    cur = []
+                cur.append(i)
+            buckets.append(cur)
+            out = []
+            for dec in buckets:
+                rows = torch.tensor([self.q_starts[i] for i in dec], device=device)
+                ctx = torch.tensor([self.ctx_lens[i] for i in dec], device=device)
+                maxb = -(-max(self.ctx_lens[i] for i in dec) // bs)
+                table = torch.zeros(len(dec), maxb, dtype=torch.long)
+                for r, i in enumerate(dec):
+                    nb = -(-self.ctx_lens[i] // bs)
+                    table[r, :nb] = torch.as_tensor(self.block_tables[i][:nb])
+                mask = (torch.arange(maxb * bs, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+                out.append((rows, table.to(device), mask))
+            self._cache["dec"] = out
         return self._cache["dec"]
 
     def flash_meta(self, device):
@@ -105,8 +117,7 @@ def paged_attention(module, query, key, value, attention_mask, *, scaling=None, 
         return out[None], None
     q_LHD = query[0].transpose(0, 1)                       # (L, Hq, D)
     out_LHD = torch.empty_like(q_LHD)
-    if paged.decode_chunks:
-        rows, table, mask = paged.decode_meta(query.device)
+    for rows, table, mask in (paged.decode_meta(query.device) if paged.decode_chunks else ()):
         Nd, maxb = table.shape
         k = kp[table].reshape(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
         v = vp[table].reshape(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)

@@ -83,5 +83,9 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
         tokens = work.argmax(-1)
     else:
         probs = filter_logits(work, params.top_k, params.top_p).softmax(-1)
-        tokens = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(N)])
+        # inverse-CDF draw: one uniform per row from the row's own generator, then one vectorized search
+        # (a per-row torch.multinomial call cost ~15x more on the CPU)
+        u = torch.stack([torch.rand((), generator=g, device=probs.device, dtype=torch.float64) for g in generators])
+        cdf = probs.double().cumsum(-1)
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
     return tokens, logp_NV.gather(-1, tokens[:, None]).squeeze(-1)
