@@ -37,7 +37,9 @@ def world(tmp_path_factory):
 def _models(world):
     from videocom_fast.models import load
     from videocom_fast.modeling import inner
+    from videocom_fast.training.packing import install_packed_attention
     policy, proc = load(world.model, dtype=torch.float32)
+    install_packed_attention(policy)          # as the trainer does: micro-batches run as one packed forward
     for p in inner(policy).visual.parameters():
         p.requires_grad_(False)
     ref = copy.deepcopy(policy).eval()

@@ -100,6 +100,12 @@ def test_dispatch_and_bad_inputs(monkeypatch):
 # --- chunking -----------------------------------------------------------------------------------------
 
 
+def full_logits_logprobs(model, hidden_ND, target_N, temperature=1.0):
+    """The naive path (the baseline of bench/bench_logprobs.py): all (N, V) logits, then log-softmax."""
+    logits_NV = model.lm_head(hidden_ND).float() / temperature
+    return logits_NV.log_softmax(-1).gather(-1, target_N[:, None]).squeeze(-1)
+
+
 class _Head(torch.nn.Module):
     def __init__(self, D, V):
         super().__init__()
@@ -118,10 +124,10 @@ def test_chunked_equals_full_logits_with_grads(chunk):
     gh, gw = hidden.grad.clone(), model.lm_head.weight.grad.clone()
     hidden.grad = None
     model.lm_head.weight.grad = None
-    full = (model.lm_head(hidden) / 0.8).log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+    full = full_logits_logprobs(model, hidden, target, 0.8)
     (full * w).sum().backward()
     assert ours.dtype == torch.float32
-    assert torch.allclose(ours.double(), full, atol=1e-5)
+    assert torch.allclose(ours.double(), full.double(), atol=1e-5)
     assert torch.allclose(gh, hidden.grad, atol=1e-5) and torch.allclose(gw, model.lm_head.weight.grad, atol=1e-5)
     with pytest.raises(ValueError, match="chunk"):
         chunked_logprobs(model, hidden, target, chunk=0)
@@ -238,21 +244,35 @@ def test_bad_trajectory_inputs(tiny):
         trajectory_logprobs(model, traj)
 
 
+@pytest.mark.slow
 def test_training_forward_equals_engine_sampling_logprobs(tmp_path):
-    """The acceptance gate of trajectory.md: same weights, fp32, no top-k/top-p -> 1e-4."""
-    rollout = pytest.importorskip("videocom_fast.rollout")
-    if not hasattr(rollout, "RolloutEngine"):
-        pytest.skip("RolloutEngine not on main yet")
-    from videocom_fast.data import synthesize, load_samples
+    """The acceptance gate of trajectory.md: same weights, fp32, no top-k/top-p -> 1e-4. Also: one packed
+    forward over several episodes and step-cached vision features give the same numbers."""
+    from videocom_fast.data import synthesize
+    from videocom_fast.env import MediaConfig
     from videocom_fast.models import build_tiny, load
+    from videocom_fast.rollout import RolloutEngine
+    from videocom_fast.training.grpo import load_grpo_samples
+    from videocom_fast.training.logprobs import media_embeds, packed_attention_installed, packed_logprobs
+    from videocom_fast.training.packing import install_packed_attention
+    media = MediaConfig(main_nframes=4, rewatch_nframes=4, video_min_pixels=3136, video_max_pixels=6272,
+                        image_min_pixels=784, image_max_pixels=3136)
     model, proc = load(build_tiny(tmp_path / "m", seed=3), dtype=torch.float32)
-    data = synthesize(tmp_path / "data", num_samples=2, seed=5)
-    samples = load_samples(data / "grpo.json" if (data / "grpo.json").exists() else data, kind="grpo")[:2]
-    engine = rollout.RolloutEngine(model, proc, max_rounds=3, max_new_tokens=24)
-    groups = engine.generate(samples, num_generations=2, temperature=0.9, top_k=0, top_p=1.0, seed=1)
+    paths = synthesize(tmp_path / "data", num_samples=3, seed=5, seconds=(10, 12), media_config=media)
+    samples = load_grpo_samples(paths["grpo"])
+    engine = RolloutEngine(model, proc, max_rounds=3, max_new_tokens=24, media_config=media)
+    groups = engine.generate(samples, num_generations=3, temperature=0.9, top_k=0, top_p=1.0, seed=1)
     trajs = [t for grp in groups for t in grp]
     assert sum(t.num_generated for t in trajs) > 0
     with torch.no_grad():
-        for t in trajs:
-            ours = trajectory_logprobs(model, t, temperature=0.9)
+        singles = [trajectory_logprobs(model, t, temperature=0.9) for t in trajs]
+        for t, ours in zip(trajs, singles):
             assert torch.allclose(ours, sampling_logprobs(t), atol=1e-4, rtol=0), t.finish_reason
+        install_packed_attention(model)
+        assert packed_attention_installed(model)
+        cache = {}
+        embeds = [media_embeds(model, t, torch.as_tensor(t.token_ids), cache) for t in trajs]
+        assert len(cache) < sum(len(e) for e in embeds)          # the group's main video is shared
+        packed = packed_logprobs(model, trajs, temperature=0.9, chunk=50, embeds=embeds)
+    for a, b in zip(packed, singles):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)

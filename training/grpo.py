@@ -39,7 +39,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import load_config, to_dict
 from .distributed import all_reduce_sum, init_distributed
 from .grpo_loss import LOSS_REDUCTIONS, grpo_loss, group_advantages, pad_rows
-from .logprobs import media_embeds, trajectory_logprobs
+from .logprobs import media_embeds, packed_logprobs
 from .metrics import MetricsLogger
 
 # --- config ----------------------------------------------------------------------------------------
@@ -229,9 +229,12 @@ def episode_stats(trajs) -> dict:
 
 
 def _no_grad_logprobs(model, trajs, embeds, cfg):
+    out = []
     with torch.no_grad():
-        return [trajectory_logprobs(model, t, temperature=cfg.temperature, chunk=cfg.logprob_chunk, embeds=e)
-                for t, e in zip(trajs, embeds)]
+        for s in range(0, len(trajs), cfg.micro_batch):
+            out += packed_logprobs(model, trajs[s:s + cfg.micro_batch], temperature=cfg.temperature,
+                                   chunk=cfg.logprob_chunk, embeds=embeds[s:s + cfg.micro_batch])
+    return out
 
 
 def policy_update(policy, trajs, advantages_N, embeds, ref_lps, old_lps, cfg: GRPOConfig, *, world: int = 1,
@@ -250,8 +253,8 @@ def policy_update(policy, trajs, advantages_N, embeds, ref_lps, old_lps, cfg: GR
     sums: Counter = Counter()
     for s in range(0, N, cfg.micro_batch):
         idx = list(range(s, min(N, s + cfg.micro_batch)))
-        rows = [trajectory_logprobs(policy, trajs[i], temperature=cfg.temperature, chunk=cfg.logprob_chunk,
-                                    embeds=embeds[i]) for i in idx]
+        rows = packed_logprobs(policy, [trajs[i] for i in idx], temperature=cfg.temperature,
+                               chunk=cfg.logprob_chunk, embeds=[embeds[i] for i in idx])
         lp_BT, mask_BT = pad_rows(rows)
         ref_BT = pad_rows([ref_lps[i] for i in idx])[0] if ref_lps is not None else None
         old_BT = pad_rows([old_lps[i] for i in idx])[0] if old_lps is not None else None
@@ -363,8 +366,10 @@ def train_step(step, policy, ref, rollout, optimizer, scheduler, engine, samples
     model.train()
     t1 = time.perf_counter()
     vision_frozen = not any(p.requires_grad for p in _visual(model).parameters())
-    with torch.no_grad():   # frozen tower: one vision pass per episode serves policy, reference and old policy
-        embeds = [media_embeds(model, t, torch.as_tensor(t.token_ids)) if vision_frozen else None for t in trajs]
+    cache: dict = {}
+    with torch.no_grad():   # frozen tower: each distinct media item is encoded once per step, for every forward
+        embeds = [media_embeds(model, t, torch.as_tensor(t.token_ids), cache) if vision_frozen else None
+                  for t in trajs]
     ref_lps = None
     if cfg.beta != 0.0:
         with reference_weights(model, ref) as rm:

@@ -49,11 +49,13 @@ def block_kinds(input_ids_L: torch.Tensor, image_pad: int, video_pad: int) -> li
     return ["image" if bool(is_img[i]) else "video" for i in starts.nonzero().squeeze(-1).tolist()]
 
 
-def media_embeds(model, traj, input_ids_L: torch.Tensor) -> list[torch.Tensor]:
+def media_embeds(model, traj, input_ids_L: torch.Tensor, cache: dict | None = None) -> list[torch.Tensor]:
     """Vision features of every block of the episode, in sequence order (one tower call per modality).
 
     NOTE: runs under no_grad when the vision tower and merger are frozen (the method's setting), so no
-    activations of the tower are kept for backward.
+    activations of the tower are kept for backward. Then `cache` (a dict living for one training step) reuses
+    features by MediaItem.key: the G rollouts of a group share the main video, and often their rewatches,
+    frames and crops, so each is encoded once per step, as the engine does during rollouts.
     """
     cfg = modeling.inner(model).config
     visual = modeling.inner(model).visual
@@ -63,23 +65,49 @@ def media_embeds(model, traj, input_ids_L: torch.Tensor) -> list[torch.Tensor]:
         if rows != (0 if pix is None else pix.shape[0]):
             raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: {name} grids need {rows} pixel "
                              f"rows but {0 if pix is None else pix.shape[0]} were given")
+    kinds = block_kinds(input_ids_L, cfg.image_token_id, cfg.video_token_id)
+    n_img = 0 if traj.image_grid_thw is None else traj.image_grid_thw.shape[0]
+    n_vid = 0 if traj.video_grid_thw is None else traj.video_grid_thw.shape[0]
+    if kinds.count("image") != n_img or kinds.count("video") != n_vid:
+        raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: {kinds.count('image')} image and "
+                         f"{kinds.count('video')} video blocks in token_ids but {n_img} image and "
+                         f"{n_vid} video grids")
     dtype = next(visual.parameters()).dtype
     grad = torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters())
+    media = list(getattr(traj, "media", None) or [])
+    keyed = (cache is not None and not grad and len(media) == len(kinds)
+             and [m.kind for m in media] == kinds and all(getattr(m, "key", None) is not None for m in media))
+    blocks = _blocks_in_order(traj, kinds)
+    keys = [(k, media[i].key, tuple(int(x) for x in g)) if keyed else None for i, (k, _, g) in enumerate(blocks)]
+    todo = [i for i, key in enumerate(keys) if key is None or key not in cache]
+    feats: dict[int, torch.Tensor] = {}
     with torch.set_grad_enabled(grad):
-        imgs = vids = []
-        if traj.image_grid_thw is not None and traj.image_grid_thw.numel():
-            imgs = modeling.vision_embeds(model, traj.pixel_values.to(dtype).clone(), traj.image_grid_thw.clone(),
-                                          video=False)
-        if traj.video_grid_thw is not None and traj.video_grid_thw.numel():
-            vids = modeling.vision_embeds(model, traj.pixel_values_videos.to(dtype).clone(),
-                                          traj.video_grid_thw.clone(), video=True)
-    kinds = block_kinds(input_ids_L, cfg.image_token_id, cfg.video_token_id)
-    if kinds.count("image") != len(imgs) or kinds.count("video") != len(vids):
-        raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: {kinds.count('image')} image and "
-                         f"{kinds.count('video')} video blocks in token_ids but {len(imgs)} image and "
-                         f"{len(vids)} video grids")
-    it_i, it_v = iter(imgs), iter(vids)
-    return [next(it_i) if k == "image" else next(it_v) for k in kinds]
+        for kind in ("image", "video"):
+            idx = [i for i in todo if blocks[i][0] == kind]
+            if not idx:
+                continue
+            pix = torch.cat([blocks[i][1] for i in idx]).to(dtype).clone()   # clone: engine inference tensors
+            grid = torch.stack([blocks[i][2] for i in idx]).clone()
+            for i, f in zip(idx, modeling.vision_embeds(model, pix, grid, video=kind == "video")):
+                feats[i] = f
+                if keys[i] is not None:
+                    cache[keys[i]] = f
+    return [feats[i] if i in feats else cache[keys[i]] for i in range(len(blocks))]
+
+
+def _blocks_in_order(traj, kinds) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(kind, pixel rows, grid (3,)) per vision block in sequence order."""
+    out, at = [], {"image": 0, "video": 0}
+    rows = {"image": 0, "video": 0}
+    pix = {"image": traj.pixel_values, "video": traj.pixel_values_videos}
+    grids = {"image": traj.image_grid_thw, "video": traj.video_grid_thw}
+    for k in kinds:
+        g = grids[k][at[k]]
+        n = int(g.prod())
+        out.append((k, pix[k][rows[k]:rows[k] + n], g))
+        at[k] += 1
+        rows[k] += n
+    return out
 
 
 # --- chunked log-probs -------------------------------------------------------------------------------
@@ -137,3 +165,46 @@ def trajectory_logprobs(model, traj, *, temperature: float = 1.0, chunk: int = 1
 def batch_logprobs(model, trajs, **kw) -> list[torch.Tensor]:
     """`trajectory_logprobs` of each episode (one forward per episode: no padding, no cross-talk)."""
     return [trajectory_logprobs(model, t, **kw) for t in trajs]
+
+
+# --- several episodes in one packed forward --------------------------------------------------------------
+
+
+def packed_attention_installed(model) -> bool:
+    from .packing import ATTN_NAME
+    return getattr(modeling.inner(model).language_model.config, "_attn_implementation", None) == ATTN_NAME
+
+
+def packed_logprobs(model, trajs, *, temperature: float = 1.0, chunk: int = 1024, backend: str | None = None,
+                    embeds: list | None = None) -> list[torch.Tensor]:
+    """`trajectory_logprobs` of several episodes from ONE forward: sequences concatenated (B = 1) with
+    cu_seqlens so attention stays within each episode (training/packing.py's attention), positions per
+    episode. Falls back to one forward per episode when that attention is not installed on the model."""
+    if not packed_attention_installed(model) or len(trajs) == 1:
+        embeds = embeds if embeds is not None else [None] * len(trajs)
+        return [trajectory_logprobs(model, t, temperature=temperature, chunk=chunk, backend=backend, embeds=e)
+                for t, e in zip(trajs, embeds)]
+    device = modeling.lm_head(model).weight.device
+    xs, poss, rows, tgts, counts, lens = [], [], [], [], [], []
+    off = 0
+    for k, t in enumerate(trajs):
+        ids_L = torch.as_tensor(t.token_ids, dtype=torch.long, device=device)
+        pos_3L = torch.as_tensor(t.position_ids, dtype=torch.long, device=device).clone()   # see trajectory_logprobs
+        if pos_3L.shape != (3, ids_L.shape[0]):
+            raise ValueError(f"trajectory {t.sample_index}/{t.rollout_index}: position_ids has shape "
+                             f"{tuple(pos_3L.shape)}, expected (3, {ids_L.shape[0]})")
+        gen_N = generated_index(t).to(device)
+        e = embeds[k] if embeds is not None and embeds[k] is not None else media_embeds(model, t, ids_L)
+        xs.append(modeling.embed(model, ids_L, e))
+        poss.append(pos_3L)
+        rows.append(off + gen_N - 1)
+        tgts.append(ids_L[gen_N])
+        counts.append(gen_N.shape[0])
+        lens.append(ids_L.shape[0])
+        off += ids_L.shape[0]
+    cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0).to(torch.int32)
+    attn = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+    hidden_LD = modeling.text_forward(model, torch.cat(xs)[None], torch.cat(poss, dim=1)[:, None, :], **attn)[0]
+    lps = chunked_logprobs(model, hidden_LD[torch.cat(rows)], torch.cat(tgts), temperature=temperature,
+                           chunk=chunk, backend=backend)
+    return list(lps.split(counts))
