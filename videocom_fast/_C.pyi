@@ -95,3 +95,22 @@ class Scheduler:
     def block_ref_count(self, block_id: int) -> int: ...
     def stats(self) -> dict[str, int]: ...
     def _corrupt_for_test(self, kind: str) -> None: ...
+
+# --- kernels ---
+# csrc/cpu/crop_resize_patchify.cpp (+ csrc/cuda/, math in csrc/include/crop_resize_patchify.h); wrapped by
+# videocom_fast/preprocess.py. mode 0 = PIL bicubic (images), 1 = ATen antialiased bicubic on uint8 (videos).
+# Buffers are numpy arrays (zero-copy views of torch tensors); bad buffers raise ValueError naming the
+# argument and index. bf16/fp16 outputs are passed as int16 views (bit patterns).
+import numpy as np
+
+def crop_resize_patchify(frames: list[np.ndarray], boxes: list[tuple[int, int, int, int]],
+                         sizes: list[tuple[int, int]], modes: list[int], lut: np.ndarray, out: np.ndarray) -> None:
+    """frames[i] uint8 (T, H, W, 3) with RGB-contiguous pixels; boxes (x1, y1, x2, y2) exclusive ends;
+    sizes (out_h, out_w) multiples of 28; lut (3, 256) and out (rows, 1176) of one dtype (float32 or 16-bit)."""
+def resize_uint8(image: np.ndarray, out_h: int, out_w: int, mode: int) -> np.ndarray: ...
+def resample_axis(mode: int, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(first, size, weights (out, taps) int32, precision) of one axis."""
+def crop_resize_patchify_cuda(frames: list[tuple[int, int, int, int, int, int]], boxes: list[tuple[int, int, int, int]],
+                              sizes: list[tuple[int, int]], modes: list[int], lut: int, out: int, rows: int,
+                              elem_size: int, stream: int) -> None:
+    """Only when built with CUDA (with_cuda): device pointers; frames[i] = (ptr, T, H, W, frame_stride, row_stride)."""

@@ -17,6 +17,7 @@ _LAZY = {
     "preprocess_images": "videocom_fast.preprocess",
     "preprocess_video": "videocom_fast.preprocess",
     "patch_processor": "videocom_fast.preprocess",
+    "preprocess_media": "videocom_fast.preprocess",
     "RolloutEngine": "videocom_fast.rollout",
     "Trajectory": "videocom_fast.rollout",
     "ManipulationEnv": "videocom_fast.env",

@@ -420,5 +420,79 @@ def preprocess_media(items: Sequence[Any], *, dtype: torch.dtype = torch.float32
     return results
 
 
+# --- drop-in for transformers' processors ------------------------------------------------------------------
+def _is_default_pipeline(kw: dict) -> bool:
+    """The fused path covers the Qwen2-VL defaults; anything else falls back to the processor's own code."""
+    resample = kw.get("resample")
+    bicubic = getattr(resample, "value", resample) in (3, "bicubic")
+    return (bool(kw.get("do_resize")) and bool(kw.get("do_rescale")) and bool(kw.get("do_normalize")) and bicubic
+            and math.isclose(float(kw.get("rescale_factor") or 0), 1 / 255, rel_tol=0, abs_tol=1e-12)
+            and tuple(kw.get("image_mean") or ()) == CLIP_MEAN and tuple(kw.get("image_std") or ()) == CLIP_STD
+            and kw.get("patch_size") == PATCH and kw.get("temporal_patch_size") == TEMPORAL
+            and kw.get("merge_size") == MERGE and not kw.get("cap_pixels_per_frame"))
+
+
+def _fused_preprocess(proc, original, kind: str):
+    import sys
+
+    module = sys.modules[type(proc).__module__]
+    mode = MODE_PIL if getattr(proc, "backend", "") == "pil" else MODE_TORCH
+
+    def size_fn(size):
+        return lambda h, w, lo, hi: module.smart_resize(h, w, factor=FACTOR, min_pixels=size.shortest_edge,
+                                                        max_pixels=size.longest_edge)
+
+    def fused(*args, **kw):
+        key = "images" if kind == "image" else "videos"
+        media = args[0] if args else kw.get(key)
+        names = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                 "image_std", "patch_size", "temporal_patch_size", "merge_size")
+        opts = dict(zip(names, args[1:]), **{k: v for k, v in kw.items() if k != key})
+        frames = [torch.as_tensor(np.ascontiguousarray(m)) if isinstance(m, np.ndarray) else m for m in media]
+        ok = _is_default_pipeline(opts) and all(
+            isinstance(f, torch.Tensor) and f.dtype == torch.uint8 and f.dim() == (3 if kind == "image" else 4)
+            and f.shape[-3] == 3 for f in frames)
+        if not ok:
+            return original(*args, **kw)
+        from transformers.image_processing_utils import BatchFeature
+
+        fn = size_fn(opts["size"])
+        items = []
+        for f in frames:
+            f_THWC = (f[None] if kind == "image" else f).permute(0, 2, 3, 1).contiguous()
+            items.append(_make_item(f_THWC, (0, 0, f_THWC.shape[2], f_THWC.shape[1]), 0, 0, mode, fn))
+        pixel_values, grid = _run(items, torch.float32), _grid(items)
+        return_tensors = opts.get("return_tensors")
+        if return_tensors is None and mode == MODE_PIL:
+            pixel_values, grid = pixel_values.numpy(), grid.numpy()
+        names_out = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+        return BatchFeature(data=dict(zip(names_out, (pixel_values, grid))), tensor_type=return_tensors)
+
+    return fused
+
+
+def patch_processor(processor):
+    """Route an existing Qwen2-VL / Qwen2.5-VL processor's image and video preprocessing through the fused
+    kernels, with identical outputs (idempotent; calls outside the default pipeline fall back unchanged).
+    Accepts the multimodal processor or a bare image / video processor; returns it."""
+    targets = []
+    for attr, kind in (("image_processor", "image"), ("video_processor", "video")):
+        sub = getattr(processor, attr, None)
+        if sub is not None:
+            targets.append((sub, kind))
+    if not targets and hasattr(processor, "_preprocess"):
+        kind = "video" if "pixel_values_videos" in getattr(processor, "model_input_names", []) else "image"
+        targets.append((processor, kind))
+    if not targets:
+        raise ValueError(f"processor: expected a Qwen2-VL processor, image processor or video processor, "
+                         f"got {type(processor).__name__}")
+    for sub, kind in targets:
+        if getattr(sub, "_videocom_fused", False):
+            continue
+        sub._preprocess = _fused_preprocess(sub, sub._preprocess, kind)
+        sub._videocom_fused = True
+    return processor
+
+
 __all__ = ["preprocess_images", "preprocess_video", "preprocess_media", "patch_processor", "force_backend",
            "select_backend", "normalize_lut", "axis_plan", "resize_torch", "patchify_torch"]

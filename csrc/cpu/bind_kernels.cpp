@@ -100,6 +100,46 @@ py::tuple resample_axis(int mode, int in, int out) {
   return py::make_tuple(first, size, w, p.precision);
 }
 
+#ifdef VIDEOCOM_WITH_CUDA
+// Device buffers arrive as raw pointers (the module is torch-free): frames[i] = (ptr, T, H, W, frame_stride,
+// row_stride) with strides in bytes; the caller (videocom_fast.preprocess) owns the tensors and the stream.
+void crop_resize_patchify_cuda(const std::vector<std::tuple<intptr_t, int, int, int, int64_t, int64_t>>& frames,
+                               const std::vector<std::tuple<int, int, int, int>>& boxes,
+                               const std::vector<std::tuple<int, int>>& sizes, const std::vector<int>& modes,
+                               intptr_t lut, intptr_t out, int64_t rows, int elem_size, intptr_t stream) {
+  const size_t n = frames.size();
+  VCF_CHECK(boxes.size() == n && sizes.size() == n && modes.size() == n,
+            "crop_resize_patchify_cuda: frames, boxes, sizes and modes must have the same length");
+  VCF_CHECK(elem_size == 4 || elem_size == 2, "elem_size: expected 4 or 2");
+  std::vector<vcf::MediaItem> items(n);
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    auto [ptr, t, h, w, fs, rs] = frames[i];
+    auto [x1, y1, x2, y2] = boxes[i];
+    auto [oh, ow] = sizes[i];
+    VCF_CHECK(0 <= x1 && x1 < x2 && x2 <= w && 0 <= y1 && y1 < y2 && y2 <= h, at("boxes", i) + ": empty or outside the frame");
+    VCF_CHECK(oh > 0 && ow > 0 && oh % vcf::kWindow == 0 && ow % vcf::kWindow == 0,
+              at("sizes", i) + ": output sides must be positive multiples of 28");
+    VCF_CHECK(modes[i] == vcf::kPil || modes[i] == vcf::kTorch, at("modes", i) + ": expected 0 (pil) or 1 (torch)");
+    vcf::MediaItem& it = items[i];
+    it.src = reinterpret_cast<const uint8_t*>(ptr) + y1 * rs + x1 * 3;
+    it.frame_stride = fs;
+    it.row_stride = rs;
+    it.num_frames = t;
+    it.in_h = y2 - y1;
+    it.in_w = x2 - x1;
+    it.out_h = oh;
+    it.out_w = ow;
+    it.mode = modes[i];
+    it.row_offset = total;
+    total += vcf::item_rows(it);
+  }
+  VCF_CHECK(total == rows, "rows: expected " + std::to_string(total) + ", got " + std::to_string(rows));
+  vcf::crop_resize_patchify_cuda(items, reinterpret_cast<const void*>(lut), reinterpret_cast<void*>(out), rows,
+                                 elem_size, reinterpret_cast<void*>(stream));
+}
+#endif
+
 }  // namespace
 
 void register_kernels(py::module_& m) {
@@ -110,4 +150,9 @@ void register_kernels(py::module_& m) {
         "Resize one uint8 (H, W, 3) image with PIL (mode 0) or ATen antialiased (mode 1) bicubic arithmetic.");
   m.def("resample_axis", &resample_axis, py::arg("mode"), py::arg("in_size"), py::arg("out_size"),
         "Fixed-point taps of one axis: (first, size, weights (out, taps) int32, precision).");
+#ifdef VIDEOCOM_WITH_CUDA
+  m.def("crop_resize_patchify_cuda", &crop_resize_patchify_cuda, py::arg("frames"), py::arg("boxes"),
+        py::arg("sizes"), py::arg("modes"), py::arg("lut"), py::arg("out"), py::arg("rows"), py::arg("elem_size"),
+        py::arg("stream"), "The fused kernel on CUDA device buffers (raw pointers; see preprocess.py).");
+#endif
 }

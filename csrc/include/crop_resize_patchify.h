@@ -180,4 +180,9 @@ void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* l
 void resize_uint8_cpu(const uint8_t* src, int64_t row_stride, int in_h, int in_w, int out_h, int out_w,
                       int mode, uint8_t* dst);
 
+// The CUDA kernel (csrc/cuda/crop_resize_patchify.cu, built when CMake builds CUDA): items[i].src, lut and out
+// are device pointers; stream is a cudaStream_t (void* keeps this header free of CUDA includes).
+void crop_resize_patchify_cuda(const std::vector<MediaItem>& items, const void* lut, void* out, int64_t rows,
+                               int elem_size, void* stream);
+
 }  // namespace vcf

@@ -1,0 +1,215 @@
+"""The fused crop -> resize -> normalize -> patchify kernels against external oracles.
+
+Oracles: Pillow's Image.resize(BICUBIC) and torchvision's resize(bicubic, antialias=True) on uint8 for the
+resize (the libraries transformers' Qwen2-VL processors call), the processors' own rescale/normalize code for
+the lookup table. The C++ kernel (videocom_fast._C), the PyTorch reference (preprocess.resize_torch) and the
+Triton kernel (TRITON_INTERPRET=1, in a subprocess because Triton reads the flag at import) must equal them
+bit for bit; the CUDA source must compile with the local nvcc. API-level tests are in test_preprocess.py.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as tvF
+
+from videocom_fast import preprocess as P
+
+_C = pytest.importorskip("videocom_fast._C")
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {"pil": P.MODE_PIL, "torch": P.MODE_TORCH}
+
+
+# --- oracles (also imported by bench/bench_crop_resize_patchify.py) -------------------------------------------
+def pil_resize(image_HWC: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    return np.asarray(PIL.Image.fromarray(image_HWC).resize((out_w, out_h), PIL.Image.BICUBIC))
+
+
+def tv_resize(image_HWC: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(image_HWC)).permute(2, 0, 1)[None]
+    y = tvF.resize(x, [out_h, out_w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    return y[0].permute(1, 2, 0).numpy()
+
+
+ORACLE = {"pil": pil_resize, "torch": tv_resize}
+
+
+def random_cases(rng, n, lo=1, hi=200):
+    """(in_h, in_w, out_h, out_w) with up- and downscales, odd sizes and the degenerate 1-pixel sides."""
+    cases = [(97, 341, 84, 336), (1, 1, 56, 56), (1, 7, 28, 56), (360, 640, 280, 504), (50, 24, 4, 47)]
+    for _ in range(n):
+        cases.append(tuple(int(v) for v in rng.integers(lo, hi, 4)))
+    return cases
+
+
+# --- per-axis taps: the Python twin is the C++ header, op for op ----------------------------------------------
+@pytest.mark.parametrize("mode", ["pil", "torch"])
+def test_axis_plan_twin_equals_cpp(mode):
+    rng = np.random.default_rng()
+    sizes = [(1, 1), (1, 56), (97, 84), (341, 336), (640, 504), (5, 300), (1280, 28)]
+    sizes += [tuple(int(v) for v in rng.integers(1, 900, 2)) for _ in range(20)]
+    for n_in, n_out in sizes:
+        first, size, w, prec = P.axis_plan(MODES[mode], n_in, n_out)
+        c_first, c_size, c_w, c_prec = _C.resample_axis(MODES[mode], n_in, n_out)
+        np.testing.assert_array_equal(first, c_first, err_msg=f"{mode} {n_in}->{n_out}")
+        np.testing.assert_array_equal(size, c_size)
+        np.testing.assert_array_equal(w, c_w)
+        assert prec == c_prec
+        assert (first >= 0).all() and (first + size <= n_in).all() and (size >= 1).all()
+        # fixed-point weights sum to one (up to the rounding of each tap)
+        sums = w.sum(1).astype(np.float64) / (1 << prec)
+        assert np.abs(sums - 1).max() <= w.shape[1] / (1 << prec)
+
+
+# --- the resize alone, against the libraries --------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["pil", "torch"])
+def test_cpp_resize_equals_library(mode):
+    rng = np.random.default_rng()
+    for in_h, in_w, out_h, out_w in random_cases(rng, 40):
+        image = rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+        want = ORACLE[mode](image, out_h, out_w)
+        got = _C.resize_uint8(image, out_h, out_w, MODES[mode])
+        diff = np.abs(got.astype(int) - want)
+        # the issue asks for <= 1 level on >= 99.9%; following the library's own arithmetic gives equality
+        assert (diff <= 1).mean() >= 0.999
+        np.testing.assert_array_equal(got, want, err_msg=f"{mode} {in_h}x{in_w}->{out_h}x{out_w}")
+
+
+@pytest.mark.parametrize("mode", ["pil", "torch"])
+def test_torch_reference_resize_equals_library(mode):
+    rng = np.random.default_rng()
+    for in_h, in_w, out_h, out_w in random_cases(rng, 8, hi=120):
+        image = rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+        got = P.resize_torch(torch.from_numpy(image), out_h, out_w, MODES[mode]).numpy()
+        np.testing.assert_array_equal(got, ORACLE[mode](image, out_h, out_w))
+
+
+def test_cpp_resize_strided_view():
+    """A crop is a strided view (row stride > width * 3): the kernel must honour the stride."""
+    rng = np.random.default_rng()
+    frame = rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    crop = frame[13:97, 31:150]
+    assert not crop.flags.c_contiguous
+    np.testing.assert_array_equal(_C.resize_uint8(crop, 56, 84, 0), pil_resize(np.ascontiguousarray(crop), 56, 84))
+
+
+# --- normalisation table ------------------------------------------------------------------------------------------
+def test_lut_equals_processor_normalisation():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    levels_CHW = np.tile(np.arange(256, dtype=np.uint8), (3, 1, 1))  # (3, 1, 256)
+    pil = Qwen2VLImageProcessorPil()
+    want = pil.normalize(pil.rescale(levels_CHW, 1 / 255), P.CLIP_MEAN, P.CLIP_STD)[:, 0]
+    np.testing.assert_array_equal(P.normalize_lut(P.MODE_PIL, torch.float32).numpy(), want)
+    tv = Qwen2VLImageProcessor()
+    want = tv.rescale_and_normalize(torch.from_numpy(levels_CHW)[None], True, 1 / 255, True,
+                                    tuple(P.CLIP_MEAN), tuple(P.CLIP_STD))[0, :, 0]
+    torch.testing.assert_close(P.normalize_lut(P.MODE_TORCH, torch.float32), want, rtol=0, atol=0)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(P.normalize_lut(P.MODE_PIL, dtype), P.normalize_lut(P.MODE_PIL, torch.float32).to(dtype))
+
+
+# --- the fused kernel: poisoned output, layout, one launch for many items -------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_kernel_fills_poisoned_output_like_reference(dtype):
+    rng = np.random.default_rng()
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    items = [
+        P._Item(torch.randint(0, 256, (1, 97, 341, 3), dtype=torch.uint8, generator=g), (0, 0, 341, 97), 84, 336, 0),
+        P._Item(torch.randint(0, 256, (1, 50, 60, 3), dtype=torch.uint8, generator=g), (7, 3, 8, 4), 56, 56, 0),
+        P._Item(torch.randint(0, 256, (5, 40, 90, 3), dtype=torch.uint8, generator=g), (2, 1, 89, 40), 56, 112, 1),
+    ]
+    rows = sum(it.rows for it in items)
+    lut = P.normalize_lut(0, dtype)
+    for mode in (0, 1):
+        for it in items:
+            it.mode = mode
+        out = torch.full((rows, P.PATCH_DIM), float("nan"), dtype=dtype)
+        P._run_cpp(items, lut, out)
+        want = torch.full_like(out, float("nan"))
+        P._run_torch(items, lut, want)
+        assert not out.isnan().any()
+        assert torch.equal(out, want)
+
+
+def test_cpp_kernel_rejects_bad_buffers():
+    frames = np.zeros((1, 30, 40, 3), np.uint8)
+    lut = P.normalize_lut(0, torch.float32).numpy()
+    out = np.zeros((4, P.PATCH_DIM), np.float32)
+    with pytest.raises(ValueError, match=r"boxes\[0\]"):
+        _C.crop_resize_patchify([frames], [(0, 0, 41, 30)], [(28, 28)], [0], lut, out)
+    with pytest.raises(ValueError, match=r"sizes\[0\]"):
+        _C.crop_resize_patchify([frames], [(0, 0, 40, 30)], [(30, 28)], [0], lut, out)
+    with pytest.raises(ValueError, match=r"frames\[0\]"):
+        _C.crop_resize_patchify([np.zeros((1, 30, 40, 4), np.uint8)], [(0, 0, 40, 30)], [(28, 28)], [0], lut, out)
+    with pytest.raises(ValueError, match=r"out: expected 4 rows, got 3"):  # 28x28 -> 2x2 patches
+        _C.crop_resize_patchify([frames], [(0, 0, 40, 30)], [(28, 28)], [0], lut, out[:3])
+
+
+# --- Triton under the interpreter (a subprocess: TRITON_INTERPRET is read when triton.jit runs) -------------------
+_TRITON_SCRIPT = textwrap.dedent("""
+    import torch
+    from videocom_fast import preprocess as P
+    g = torch.Generator().manual_seed(SEED)
+    images = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g) for h, w in [(97, 341), (1, 1), (120, 40), (300, 60)]]
+    boxes = [None, None, (3, 5, 30, 100), None]  # (300, 60): Pillow's vertical-first order
+    video = torch.randint(0, 256, (3, 50, 70, 3), dtype=torch.uint8, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        with P.force_backend("torch"):
+            want_i, grid_i = P.preprocess_images(images, boxes=boxes, max_pixels=8 * 28 * 28, dtype=dtype)
+            want_v, grid_v = P.preprocess_video(video, min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28, dtype=dtype)
+        with P.force_backend("triton"):
+            got_i, g_i = P.preprocess_images(images, boxes=boxes, max_pixels=8 * 28 * 28, dtype=dtype)
+            got_v, g_v = P.preprocess_video(video, min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28, dtype=dtype)
+        assert torch.equal(g_i, grid_i) and torch.equal(g_v, grid_v)
+        # NOTE: exact even for bf16 (FACTS: the interpreter truncates fp32 -> bf16): the kernel never converts,
+        # it loads the table entry that is already in the output dtype.
+        assert torch.equal(got_i, want_i), (dtype, (got_i.float() - want_i.float()).abs().max())
+        assert torch.equal(got_v, want_v), (dtype, (got_v.float() - want_v.float()).abs().max())
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_triton_interpreter_matches_reference():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    script = _TRITON_SCRIPT.replace("SEED", str(int(np.random.default_rng().integers(1 << 31))))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
+
+# --- CUDA source compiles (cannot run here) ----------------------------------------------------------------------
+def test_cuda_source_compiles(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    src = ROOT / "csrc" / "cuda" / "crop_resize_patchify.cu"
+    run = subprocess.run([nvcc, "-std=c++17", "-arch=sm_80", "-c", str(src), "-I", str(ROOT / "csrc" / "include"),
+                          "-o", str(tmp_path / "crp.o")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "crp.o").stat().st_size > 0
+
+
+def test_cuda_binding_compiles():
+    """The CUDA entry of bind_kernels.cpp is only built with CUDA: check its syntax here."""
+    import sysconfig
+
+    import pybind11
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    run = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-DVIDEOCOM_WITH_CUDA=1", str(ROOT / "csrc/cpu/bind_kernels.cpp"),
+                          "-I", str(ROOT / "csrc"), "-I", str(ROOT / "csrc/include"), "-I", pybind11.get_include(),
+                          "-I", sysconfig.get_paths()["include"]], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
