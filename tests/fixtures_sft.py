@@ -97,7 +97,7 @@ def synth_small(tmp_path_factory):
     cfg = load_config(SFTConfig, CONFIG)
     d = tmp_path_factory.mktemp("synth_small")
     mc = media_config_of(cfg)
-    synthesize(d, num_samples=6, seed=1, media_config=mc)
+    synthesize(d, num_samples=5, seed=1, media_config=mc, seconds=(25, 32), workers=1)
     return d, mc
 
 

@@ -98,6 +98,7 @@ def _hf_loss_sum(model, ex):
     return -logits[:-1][keep].log_softmax(-1).gather(-1, tgt[keep, None]).sum()
 
 
+@pytest.mark.slow
 def test_packed_loss_equals_unpacked_model_forward(examples, tiny_dir):  # noqa: F811
     from videocom_fast.models import load
 
@@ -109,7 +110,9 @@ def test_packed_loss_equals_unpacked_model_forward(examples, tiny_dir):  # noqa:
     b = collate(exs)
     b.pixel_values, b.pixel_values_videos = b.pixel_values.double(), b.pixel_values_videos.double()
     got = packed_loss_sum(packed, b)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # chunked_token_logprobs upcasts logits with .float(): fp32 log-softmax even for a float64 model, so the
+    # tolerance is fp32's (relative 1e-6 of a sum of ~500 terms)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-4)
     # the gradient of the packed sum equals the sum of per-example gradients
     got.backward()
     g_packed = {n: p.grad.clone() for n, p in packed.named_parameters() if p.grad is not None}

@@ -64,14 +64,25 @@ def save_checkpoint(out_dir, step: int, *, model=None, optimizer=None, scheduler
     sharded model/optimizer/scheduler states inside the same directory)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .distributed import barrier, is_distributed
+
     final = out / f"{PREFIX}{step:07d}"
-    tmp = out / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    # DeepSpeed: every rank writes its shard into one shared temporary directory; rank 0 owns it
+    shared = engine is not None and is_distributed()
+    rank0 = not shared or int(os.environ.get("RANK", "0")) == 0
+    tmp = out / (f".tmp-{PREFIX}{step:07d}" if shared else f".tmp-{PREFIX}{step:07d}-{os.getpid()}")
+    if rank0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     if engine is not None:
+        barrier()
         _maybe_crash("engine", step)
         engine.save_checkpoint(str(tmp), tag="ds")
+        barrier()
+        if not rank0:
+            barrier()
+            return final
     else:
         _maybe_crash("model_state.pt", step)
         torch.save(model.state_dict(), tmp / "model_state.pt")
@@ -92,6 +103,8 @@ def save_checkpoint(out_dir, step: int, *, model=None, optimizer=None, scheduler
     if keep_last > 0:
         for old in complete_checkpoints(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+    if shared:
+        barrier()
     return final
 
 

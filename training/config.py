@@ -23,6 +23,11 @@ def parse_overrides(overrides) -> dict:
             raise ValueError(f"overrides[{i}]: expected key=value, got {item!r}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; users mean a number
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+            except ValueError:
+                pass
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:

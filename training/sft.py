@@ -372,6 +372,7 @@ def _deepspeed(model, optimizer, scheduler, cfg: SFTConfig):
     ds_cfg.pop("train_batch_size", None)
     ds_cfg.pop("optimizer", None)   # a torch optimizer: no DeepSpeed op is JIT-compiled (FACTS.md)
     ds_cfg.pop("scheduler", None)
+    ds_cfg["bf16"] = {"enabled": next(model.parameters()).dtype == torch.bfloat16}
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_cfg)
     return engine, optimizer, scheduler
