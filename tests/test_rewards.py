@@ -77,7 +77,9 @@ def test_gold_letter_from_final_answer_turn():
     ("FINAL_ANSWER: b. red", 0.0, 0.0),                                # lower-case letter
     ("nothing at all", 0.0, 0.0),
     ("FINAL_ANSWER: B. red\nFIND_FRAME(x) = [3]", 0.0, 1.0),          # tool call after the answer
-    ("FINAL_ANSWER: A. x\nFINAL_ANSWER: B. red", 0.0, 1.0),           # two answers
+    ("FINAL_ANSWER: A. x\nFINAL_ANSWER: B. red", 0.0, 1.0),           # two contradicting answers
+    ("FINAL_ANSWER: B. red\nFINAL_ANSWER: B.", 1.0, 1.0),              # an echo of the same answer
+    ("FINAL_ANSWER: B.\nFINAL_ANSWER: B. red", 0.0, 1.0),              # the committed answer has no text
     ("final_answer: B. red", 1.0, 0.0),                                # case-insensitive tool names
 ])
 def test_format(text, fixed, ref):

@@ -78,6 +78,7 @@ def chunked_token_logprobs(model, hidden_LD, target_ids_L, *, temperature: float
     head = lm_head(model)
     out = []
     for s in range(0, hidden_LD.shape[0], chunk):
-        logits = head(hidden_LD[s:s + chunk]).float() / temperature
+        logits = head(hidden_LD[s:s + chunk])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         out.append(torch.gather(logits.log_softmax(-1), -1, target_ids_L[s:s + chunk, None]).squeeze(-1))
     return torch.cat(out) if out else hidden_LD.new_zeros(0, dtype=torch.float32)

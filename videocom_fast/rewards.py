@@ -20,7 +20,8 @@ Two scoring modes, `reward_compat="fixed"` (default) and `"reference"`:
      could merge with the next round's text (defect 4);
   3. `FIND_SEGMENT(...) = s` scores segment s; the reference parsed the description as the number and the
      exception wiped every segment of the completion (defect 2);
-  4. format = exactly one FINAL_ANSWER (letter, dot, option text) and it is the last action; the
+  4. format = a FINAL_ANSWER (letter, dot, option text) with no tool call after it, and any repeated
+     answer line naming the same letter; the
      reference's regex also accepted tool calls after the answer, and matched "FINAL_ANSWER" case-sensitively;
   5. boxes are unique (frame, box) pairs and every one counts once gold boxes exist (wrong if its frame has
      no gold box, or if no FIND_FRAME preceded it); the reference counted duplicates and silently skipped
@@ -133,9 +134,16 @@ def _fixed_accuracy(text: str, sample: dict, i: int) -> float:
 
 
 def _fixed_format(text: str) -> float:
+    # A well-formed episode commits to ONE answer: no tool call after it, and any repetition of the answer
+    # line names the same letter (a harmless echo the rollout engine cuts anyway: it stops at the first
+    # answer line). Contradicting answers or a bare "FINAL_ANSWER: B." are malformed.
     acts = parse_actions(text)
     answers = [a for a in acts if a.kind == "answer"]
-    return float(len(answers) == 1 and acts[-1].kind == "answer" and bool(acts[-1].description.strip()))
+    if not answers or acts[-1].kind != "answer":
+        return 0.0
+    first = acts.index(answers[0])
+    return float(all(a.kind == "answer" for a in acts[first:])
+                 and len({a.values for a in answers}) == 1 and bool(answers[0].description.strip()))
 
 
 def predicted_manipulations(text: str):
