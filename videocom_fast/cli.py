@@ -31,7 +31,8 @@ def _cmd_synth(args) -> int:
     from videocom_fast.data import synthesize
 
     out = synthesize(args.out_dir, num_samples=args.num_samples, seed=args.seed, codec=args.codec)
-    print(json.dumps({k: str(v) for k, v in (out or {}).items()}, indent=2))
+    print(json.dumps({k: [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v)
+                      for k, v in (out or {}).items()}, indent=2))
     return 0
 
 
