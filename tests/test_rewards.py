@@ -78,8 +78,9 @@ def test_gold_letter_from_final_answer_turn():
     ("nothing at all", 0.0, 0.0),
     ("FINAL_ANSWER: B. red\nFIND_FRAME(x) = [3]", 0.0, 1.0),          # tool call after the answer
     ("FINAL_ANSWER: A. x\nFINAL_ANSWER: B. red", 0.0, 1.0),           # two contradicting answers
-    ("FINAL_ANSWER: B. red\nFINAL_ANSWER: B.", 1.0, 1.0),              # an echo of the same answer
-    ("FINAL_ANSWER: B.\nFINAL_ANSWER: B. red", 0.0, 1.0),              # the committed answer has no text
+    ("FINAL_ANSWER: B. FINAL_ANSWER: B. red", 1.0, 1.0),                # an echo of the same letter
+    ("FINAL_ANSWER: B. red\nFINAL_ANSWER: B.", 0.0, 1.0),              # the last answer has no option text
+    ("FINAL_ANSWER: B. red FINAL_ANSWER: C. red", 0.0, 1.0),           # contradicting letters
     ("final_answer: B. red", 1.0, 0.0),                                # case-insensitive tool names
 ])
 def test_format(text, fixed, ref):

@@ -20,8 +20,8 @@ Two scoring modes, `reward_compat="fixed"` (default) and `"reference"`:
      could merge with the next round's text (defect 4);
   3. `FIND_SEGMENT(...) = s` scores segment s; the reference parsed the description as the number and the
      exception wiped every segment of the completion (defect 2);
-  4. format = a FINAL_ANSWER (letter, dot, option text) with no tool call after it, and any repeated
-     answer line naming the same letter; the
+  4. format = a FINAL_ANSWER (letter, dot, option text) with no tool call after it; repeated answer
+     lines must name the same letter and the last one carries the option text; the
      reference's regex also accepted tool calls after the answer, and matched "FINAL_ANSWER" case-sensitively;
   5. boxes are unique (frame, box) pairs and every one counts once gold boxes exist (wrong if its frame has
      no gold box, or if no FIND_FRAME preceded it); the reference counted duplicates and silently skipped
@@ -134,16 +134,16 @@ def _fixed_accuracy(text: str, sample: dict, i: int) -> float:
 
 
 def _fixed_format(text: str) -> float:
-    # A well-formed episode commits to ONE answer: no tool call after it, and any repetition of the answer
-    # line names the same letter (a harmless echo the rollout engine cuts anyway: it stops at the first
-    # answer line). Contradicting answers or a bare "FINAL_ANSWER: B." are malformed.
+    # A well-formed episode commits to ONE answer letter: no tool call after the first answer, any repeated
+    # answer names the same letter, and the last one carries its option text (as the spec's format regex
+    # reads the end of the completion). Contradicting answers or a bare final "FINAL_ANSWER: B." are not.
     acts = parse_actions(text)
     answers = [a for a in acts if a.kind == "answer"]
     if not answers or acts[-1].kind != "answer":
         return 0.0
     first = acts.index(answers[0])
     return float(all(a.kind == "answer" for a in acts[first:])
-                 and len({a.values for a in answers}) == 1 and bool(answers[0].description.strip()))
+                 and len({a.values for a in answers}) == 1 and bool(answers[-1].description.strip()))
 
 
 def predicted_manipulations(text: str):
