@@ -302,7 +302,9 @@ def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h
     if workers > 1:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        # NOTE: spawn, not fork: a forked child of a process whose OpenMP pool already ran (any torch op
+        # in a test session or trainer) deadlocks in its first parallel torch op.
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             records = list(pool.map(_make_sample, jobs))
     else:
         records = [_make_sample(j) for j in jobs]
