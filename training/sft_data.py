@@ -27,24 +27,12 @@ from pathlib import Path
 import torch
 
 from videocom_fast.chat import ChatTokens, num_media_tokens
+from videocom_fast.env import MediaConfig as MediaBudget  # one budget type for SFT and rollouts
 from videocom_fast.mrope import mm_token_type_ids, sequence_positions
 from videocom_fast.protocol import sample_frame_indices, smart_nframes, smart_resize
 
 IGNORE_INDEX = -100
 _TAG = re.compile(r"\n?<(video|image)>\n?")
-
-
-try:  # one budget type for SFT and rollouts (the env's spec-default limits)
-    from videocom_fast.env import MediaConfig as MediaBudget
-except ImportError:  # TEMPORARY until videocom_fast.env lands; same fields and defaults
-    @dataclass(frozen=True)
-    class MediaBudget:
-        main_nframes: int = 32
-        rewatch_nframes: int = 16
-        video_min_pixels: int = 128 * 28 * 28
-        video_max_pixels: int = 360 * 420
-        image_min_pixels: int = 4 * 28 * 28
-        image_max_pixels: int = 128 * 28 * 28
 
 
 @dataclass
@@ -186,33 +174,9 @@ class MediaResolver:
 
 
 def preprocess_items(items: list[MediaSpec]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(pixel_values, grid_thw (1, 3)) per item, by videocom_fast.preprocess (fallback: transformers)."""
-    try:
-        from videocom_fast.preprocess import preprocess_media
-    except ImportError:  # TEMPORARY fallback until videocom_fast.preprocess lands: transformers' processors
-        return [_processor_fallback(it) for it in items]
+    """(pixel_values, grid_thw (1, 3)) per item, by the fused kernels of videocom_fast.preprocess."""
+    from videocom_fast.preprocess import preprocess_media
     return preprocess_media(items)
-
-
-_PROCESSORS: dict = {}
-
-
-def _processor_fallback(it: MediaSpec):
-    from transformers import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
-
-    frames = it.frames
-    if it.kind == "image":
-        if it.box is not None:
-            x1, y1, x2, y2 = it.box
-            frames = frames[:, y1:y2, x1:x2]
-        proc = _PROCESSORS.setdefault("image", Qwen2VLImageProcessorPil())
-        out = proc(images=[frames[0].numpy()], min_pixels=it.min_pixels, max_pixels=it.max_pixels,
-                   return_tensors="pt")
-        return out["pixel_values"], out["image_grid_thw"]
-    proc = _PROCESSORS.setdefault("video", Qwen2VLVideoProcessor())
-    out = proc(videos=[frames], min_pixels=it.min_pixels, max_pixels=it.max_pixels, do_sample_frames=False,
-               return_tensors="pt")
-    return out["pixel_values_videos"], out["video_grid_thw"]
 
 
 # --- tokenization ----------------------------------------------------------------------------------
