@@ -10,6 +10,7 @@ output is checked equal to the processor's before timing. Baselines come from te
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,13 +26,22 @@ from test_preprocess import (IMG_PIXELS, VID_PIXELS, Qwen2VLImageProcessor, Qwen
 import videocom_fast  # noqa: E402
 from videocom_fast import preprocess as P  # noqa: E402
 
-_TIMES: dict[str, float] = {}
+_TIMES: dict[tuple[str, int], float] = {}
 _BYTES: dict[str, int] = {}
 ROUNDS = dict(rounds=7, iterations=1, warmup_rounds=1)
+THREADS = (1, 2)
 
 
-def _median(benchmark, name):
-    _TIMES[name] = benchmark.stats.stats.median
+def _median(benchmark, name, threads):
+    _TIMES[name, threads] = benchmark.stats.stats.median
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -54,71 +64,74 @@ def test_memcpy(benchmark):
     src = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8)
     dst = torch.empty_like(src)
     benchmark.pedantic(lambda: dst.copy_(src), **ROUNDS)
-    _median(benchmark, "memcpy")
+    _median(benchmark, "memcpy", 0)
     _BYTES["memcpy"] = 2 * src.numel()  # read + write
 
 
 # --- (a) video --------------------------------------------------------------------------------------------------
-def test_video_fused_cpp(benchmark, video):
+def test_video_fused_cpp(benchmark, video, threads):
     want, _ = oracle_video(video)
     with P.force_backend("cpp"):
         got, _ = videocom_fast.preprocess_video(video)
         assert torch.equal(got, want)
         benchmark.pedantic(lambda: videocom_fast.preprocess_video(video), **ROUNDS)
-    _median(benchmark, "video_fused")
+    _median(benchmark, "video_fused", threads)
     _BYTES["video_fused"] = video.numel() + got.numel() * got.element_size()
 
 
-def test_video_processor_fast(benchmark, video):
+def test_video_processor_fast(benchmark, video, threads):
     proc = Qwen2VLVideoProcessor(**VID_PIXELS)
     frames_TCHW = video.permute(0, 3, 1, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         benchmark.pedantic(lambda: proc(videos=[frames_TCHW], return_tensors="pt", cap_pixels_per_frame=False),
                            **ROUNDS)
-    _median(benchmark, "video_fast")
+    _median(benchmark, "video_fast", threads)
 
 
 # --- (b) 8 crops from 1280x720 frames ------------------------------------------------------------------------------
-def test_crops_fused_cpp(benchmark, crops):
+def test_crops_fused_cpp(benchmark, crops, threads):
     frames, boxes = crops
     want, _ = oracle_images([crop(f, b) for f, b in zip(frames, boxes)])
     with P.force_backend("cpp"):
         got, _ = videocom_fast.preprocess_images(frames, boxes=boxes)
         assert torch.equal(got, want)
         benchmark.pedantic(lambda: videocom_fast.preprocess_images(frames, boxes=boxes), **ROUNDS)
-    _median(benchmark, "crops_fused")
+    _median(benchmark, "crops_fused", threads)
     _BYTES["crops_fused"] = sum((b[2] - b[0]) * (b[3] - b[1]) * 3 for b in boxes) + got.numel() * got.element_size()
 
 
-def test_crops_processor_fast(benchmark, crops):
+def test_crops_processor_fast(benchmark, crops, threads):
     frames, boxes = crops
     proc = Qwen2VLImageProcessor(**IMG_PIXELS)
     images = [crop(f, b).permute(2, 0, 1) for f, b in zip(frames, boxes)]
     benchmark.pedantic(lambda: proc(images=images, return_tensors="pt"), **ROUNDS)
-    _median(benchmark, "crops_fast")
+    _median(benchmark, "crops_fast", threads)
 
 
-def test_crops_processor_slow_pil(benchmark, crops):
+def test_crops_processor_slow_pil(benchmark, crops, threads):
     frames, boxes = crops
     proc = Qwen2VLImageProcessorPil(**IMG_PIXELS)
     images = [np.ascontiguousarray(crop(f, b)) for f, b in zip(frames, boxes)]
     benchmark.pedantic(lambda: proc(images=images, return_tensors="pt", input_data_format="channels_last"), **ROUNDS)
-    _median(benchmark, "crops_slow")
+    _median(benchmark, "crops_slow", threads)
 
 
 # --- the table ------------------------------------------------------------------------------------------------------
 def test_zz_report(benchmark):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    if not all(k in _TIMES for k in ("memcpy", "video_fused", "video_fast", "crops_fused", "crops_fast", "crops_slow")):
+    names = ("video_fused", "video_fast", "crops_fused", "crops_fast", "crops_slow")
+    if ("memcpy", 0) not in _TIMES or not all((k, n) in _TIMES for k in names for n in THREADS):
         pytest.skip("run the whole file to get the table")
-    bw = _BYTES["memcpy"] / _TIMES["memcpy"] / 1e9
-    lines = [f"machine: {torch.get_num_threads()} torch threads, memcpy {bw:.1f} GB/s (read + write)",
-             f"{'case':<34}{'fused ms':>10}{'baseline ms':>13}{'speedup':>9}{'fused GB/s':>12}{'% memcpy':>10}"]
-    for case, fused, base in [("(a) video 32x640x360 vs fast", "video_fused", "video_fast"),
-                              ("(b) 8 crops 1280x720 vs fast", "crops_fused", "crops_fast"),
-                              ("(b) 8 crops 1280x720 vs slow PIL", "crops_fused", "crops_slow")]:
-        gbs = _BYTES[fused] / _TIMES[fused] / 1e9
-        lines.append(f"{case:<34}{_TIMES[fused] * 1e3:>10.1f}{_TIMES[base] * 1e3:>13.1f}"
-                     f"{_TIMES[base] / _TIMES[fused]:>8.1f}x{gbs:>12.2f}{100 * gbs / bw:>9.0f}%")
+    bw = _BYTES["memcpy"] / _TIMES["memcpy", 0] / 1e9
+    lines = [f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, memcpy {bw:.1f} GB/s "
+             "(read + write)",
+             f"{'case':<34}{'thr':>4}{'fused ms':>10}{'baseline ms':>13}{'speedup':>9}{'fused GB/s':>12}{'% memcpy':>10}"]
+    for n in THREADS:
+        for case, fused, base in [("(a) video 32x640x360 vs fast", "video_fused", "video_fast"),
+                                  ("(b) 8 crops 1280x720 vs fast", "crops_fused", "crops_fast"),
+                                  ("(b) 8 crops 1280x720 vs slow PIL", "crops_fused", "crops_slow")]:
+            gbs = _BYTES[fused] / _TIMES[fused, n] / 1e9
+            lines.append(f"{case:<34}{n:>4}{_TIMES[fused, n] * 1e3:>10.1f}{_TIMES[base, n] * 1e3:>13.1f}"
+                         f"{_TIMES[base, n] / _TIMES[fused, n]:>8.1f}x{gbs:>12.2f}{100 * gbs / bw:>9.0f}%")
     print("\n" + "\n".join(lines))

@@ -84,6 +84,25 @@ def test_cpp_resize_equals_library(mode):
 
 
 @pytest.mark.parametrize("mode", ["pil", "torch"])
+def test_cpp_resize_portable_and_simd_loops_equal_library(mode):
+    """The hand-written AVX-512 loop (when this CPU has it) and the portable loop both equal the library, on
+    sizes that leave partial 16-row blocks and 16-byte tiles (and 1-pixel sides)."""
+    rng = np.random.default_rng()
+    cases = [(1, 1, 28, 28), (17, 5, 28, 56), (33, 341, 56, 84)] + random_cases(rng, 6)
+    previous = _C.set_cpu_simd(True)
+    try:
+        for in_h, in_w, out_h, out_w in cases:
+            image = rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+            want = ORACLE[mode](image, out_h, out_w)
+            for simd in (True, False):
+                _C.set_cpu_simd(simd)
+                np.testing.assert_array_equal(_C.resize_uint8(image, out_h, out_w, MODES[mode]), want,
+                                              err_msg=f"{_C.cpu_simd_isa()} {mode} {in_h}x{in_w}->{out_h}x{out_w}")
+    finally:
+        _C.set_cpu_simd(previous)
+
+
+@pytest.mark.parametrize("mode", ["pil", "torch"])
 def test_torch_reference_resize_equals_library(mode):
     rng = np.random.default_rng()
     for in_h, in_w, out_h, out_w in random_cases(rng, 8, hi=120):

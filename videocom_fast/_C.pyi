@@ -108,6 +108,11 @@ def crop_resize_patchify(frames: list[np.ndarray], boxes: list[tuple[int, int, i
     """frames[i] uint8 (T, H, W, 3) with RGB-contiguous pixels; boxes (x1, y1, x2, y2) exclusive ends;
     sizes (out_h, out_w) multiples of 28; lut (3, 256) and out (rows, 1176) of one dtype (float32 or 16-bit)."""
 def resize_uint8(image: np.ndarray, out_h: int, out_w: int, mode: int) -> np.ndarray: ...
+def set_cpu_simd(enabled: bool) -> bool:
+    """Hand-written AVX-512 loops (True, default, when the CPU has AVX-512BW) or the portable ones; returns the
+    previous setting. Outputs are identical either way."""
+def cpu_simd_isa() -> str:
+    """'avx512' or 'portable': the loops the next CPU kernel call runs."""
 def resample_axis(mode: int, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(first, size, weights (out, taps) int32, precision) of one axis."""
 def crop_resize_patchify_cuda(frames: list[tuple[int, int, int, int, int, int]], boxes: list[tuple[int, int, int, int]],

@@ -148,6 +148,11 @@ void register_kernels(py::module_& m) {
         "Fused crop -> resize -> normalize -> patchify of uint8 (T, H, W, 3) items into out (rows, 1176).");
   m.def("resize_uint8", &resize_uint8, py::arg("image"), py::arg("out_h"), py::arg("out_w"), py::arg("mode"),
         "Resize one uint8 (H, W, 3) image with PIL (mode 0) or ATen antialiased (mode 1) bicubic arithmetic.");
+  m.def("set_cpu_simd", &vcf::set_cpu_simd, py::arg("enabled"),
+        "Use the hand-written AVX-512 loops when the CPU has them (True, default) or the portable ones; returns "
+        "the previous setting.");
+  m.def("cpu_simd_isa", []() { return std::string(vcf::cpu_simd_isa()); },
+        "'avx512' or 'portable': the CPU kernel's loops the next call runs.");
   m.def("resample_axis", &resample_axis, py::arg("mode"), py::arg("in_size"), py::arg("out_size"),
         "Fixed-point taps of one axis: (first, size, weights (out, taps) int32, precision).");
 #ifdef VIDEOCOM_WITH_CUDA

@@ -176,6 +176,11 @@ inline int64_t item_rows(const MediaItem& it) {
 // type; out: rows x 1176 of that type; elem_size 4 (float32) or 2 (bf16 / fp16 bit patterns).
 void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* lut, void* out, int elem_size);
 
+// Hand-written AVX-512 loops on (default, when the CPU has AVX-512BW) or off (the portable loops, which the
+// compiler vectorises for AVX2 / baseline): returns the previous setting. Tests run both; outputs are equal.
+bool set_cpu_simd(bool enabled);
+const char* cpu_simd_isa();  // "avx512" or "portable": what the next call will run
+
 // The resize alone (tests, diagnostics): (in_h, in_w, 3) uint8 with a row stride in bytes -> (out_h, out_w, 3).
 void resize_uint8_cpu(const uint8_t* src, int64_t row_stride, int in_h, int in_w, int out_h, int out_w,
                       int mode, uint8_t* dst);
