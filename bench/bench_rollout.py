@@ -1,23 +1,30 @@
 """Rollout throughput: RolloutEngine vs the naive Video-CoM loop vs lock-step batching (same run).
 
-Setup (tiny Qwen2.5-VL, CPU): 16 synthesized prompts, G = 8 rollouts each, 5 rounds, 40 new tokens per
-round at most, temperature 0.9 / top-k 50. Rounds 1-3 are scripted FIND_SEGMENT / FIND_FRAME /
-SPATIAL_ZOOM lines (tests/helpers_rollout.forced_scripts: the random tiny model would not emit actions by
-itself; scripted tokens still run through the engine's decode path, one token per step, while the
-baselines skip generation for them, which only favours the baselines); rounds 4-5 are sampled.
+Setup (tiny Qwen2.5-VL, fp32, CPU): G = 8 rollouts per prompt, 5 rounds, 40 new tokens per round at most,
+temperature 0.9 / top-k 50. Rounds 1-3 are scripted FIND_SEGMENT / FIND_FRAME / SPATIAL_ZOOM lines
+(tests/helpers_rollout.forced_scripts: the random tiny model would not emit actions by itself; scripted
+tokens still run through the engine's decode path, one token per step, while the baselines skip
+generation for them, which only favours the baselines); rounds 4-5 are sampled.
 Media budgets are smaller than the spec's (helpers_rollout.SMALL_MEDIA: 8-frame main video, 4-frame
 rewatch, images <= 16*28*28 pixels) so the whole file runs in a few minutes on 2 cores.
-The naive loop is measured on 1 prompt x 4 rollouts and lock-step on 2 prompts x 8 (their cost per token
-does not fall with more prompts: naive is sequential, lock-step re-prefills everything every round);
-throughputs are per second, so the ratios compare rates.
 
-Reported: generated tokens/s, visual tokens/s (visual tokens in the finished sequences per second),
-prefill tokens saved by prefix sharing and KV reuse, fraction of wall time outside model forwards.
+Groups (benchtable's time ratios compare benchmarks of one group, so each group runs ONE workload):
+- rollout_vs_naive: 1 prompt x 4 rollouts, engine vs the naive loop (role "baseline");
+- rollout_vs_lockstep: 2 prompts x 8 rollouts, engine vs lock-step `generate` (role "baseline");
+- rollout_engine_16x8: the engine at the issue's scale (16 prompts x 8): its rates are what the goals
+  (>= 20x naive, >= 3x lock-step tokens/s) compare with the baselines' rates; the naive loop is
+  sequential and lock-step re-prefills everything every round, so their rates do not grow with more
+  prompts and are measured on the small workloads only (a full-size naive run would take ~an hour).
+extra_info of every benchmark: generated tokens/s, visual tokens/s (visual tokens of the finished
+sequences per second), prefill tokens (tokens pushed through forwards that were not decodes), prefill
+tokens saved (prefix sharing + KV reuse; 0 for the baselines, which re-prefill everything), fraction of
+wall time outside model forwards (baselines: timed with forward hooks on the model).
 Run: .venv/bin/pytest bench/bench_rollout.py --benchmark-only -s
 """
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from helpers_rollout import env_factory, forced_scripts, make_data, make_tiny  # noqa: E402
 
-from bench.naive_rollout import lockstep_rollouts, naive_rollout  # noqa: E402
+from bench.naive_rollout import encode_conversation, lockstep_rollouts, naive_rollout  # noqa: E402
 from videocom_fast.models import load  # noqa: E402
 from videocom_fast.rollout import RolloutEngine  # noqa: E402
 
@@ -38,74 +45,133 @@ _rates: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup():
     cache = ROOT / ".cache" / "bench_rollout"
     model, proc = load(make_tiny(cache / "tiny"), dtype=torch.float32)
     samples = make_data(cache / "data")[:PROMPTS]
     return model, proc, samples, forced_scripts(samples, proc.tokenizer)
 
 
-def _record(benchmark, name, gen_tokens, visual, wall, extra=None):
-    info = dict(gen_tokens_per_s=gen_tokens / wall, visual_tokens_per_s=visual / wall, **(extra or {}))
+class _ForwardTimer:
+    """Wall time inside the model's forward calls (each `generate` step is one call) and prefill tokens
+    (forwards of more than one position; padding included: it is work the baseline really does)."""
+
+    def __init__(self, model):
+        self.model, self.seconds, self.prefill_tokens, self._t = model, 0.0, 0, None
+
+    def __enter__(self):
+        def pre(mod, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            shape = ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2]
+            if shape[-1] > 1:
+                self.prefill_tokens += shape.numel()
+            self._t = time.perf_counter()
+
+        def post(mod, args, kwargs, out):
+            self.seconds += time.perf_counter() - self._t
+        self._hooks = [self.model.register_forward_pre_hook(pre, with_kwargs=True),
+                       self.model.register_forward_hook(post, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+
+def _record(benchmark, name, *, gen_tokens, visual, wall, prefill_tokens, saved, model_s, role):
+    info = dict(gen_tokens_per_s=gen_tokens / wall, visual_tokens_per_s=visual / wall, generated_tokens=gen_tokens,
+                prefill_tokens=prefill_tokens, prefill_tokens_saved=saved, outside_model_frac=1.0 - model_s / wall,
+                role=role)
     benchmark.extra_info.update(info)
     _rates[name] = info
+    return info
 
 
-def test_rollout_engine(benchmark, setup):
+def _engine(benchmark, setup, name, n_prompts, n_gen):
     model, proc, samples, forced = setup
     eng = RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=ROUNDS, max_new_tokens=NEW,
                         forced_rounds=forced)
-    eng.generate(samples[:2], num_generations=G, seed=99)   # warm-up (allocator, caches of the tokenizer)
-    benchmark.pedantic(lambda: eng.generate(samples, num_generations=G, seed=0), rounds=1, iterations=1)
+    eng.generate(samples[:2], num_generations=n_gen, seed=99)   # warm-up (allocator, tokenizer caches)
+    benchmark.pedantic(lambda: eng.generate(samples[:n_prompts], num_generations=n_gen, seed=0), rounds=1,
+                       iterations=1)
     st = eng.stats
-    _record(benchmark, "engine", st["generated_tokens"], st["visual_tokens"], st["wall_s"],
-            dict(prefill_tokens=st["prefill_tokens"], prefill_tokens_saved=st["prefill_tokens_saved"],
-                 prefix_tokens_shared=st["prefix_tokens_shared"], kv_reuse_tokens=st["kv_reuse_tokens"],
-                 outside_model_frac=st["outside_model_frac"], steps=st["steps"],
-                 vision_cache_hits=st["vision_cache_hits"], role="candidate"))
+    info = _record(benchmark, name, gen_tokens=st["generated_tokens"], visual=st["visual_tokens"], wall=st["wall_s"],
+                   prefill_tokens=st["prefill_tokens"], saved=st["prefill_tokens_saved"],
+                   model_s=st["model_s"] + st["vision_s"], role="candidate")
+    info.update(prefix_tokens_shared=st["prefix_tokens_shared"], kv_reuse_tokens=st["kv_reuse_tokens"],
+                steps=st["steps"], vision_cache_hits=st["vision_cache_hits"])
 
 
-def test_rollout_naive_loop(benchmark, setup):
-    import time
+def _visual(model, ids) -> int:
+    return sum(1 for t in ids if t in (model.config.image_token_id, model.config.video_token_id))
+
+
+@pytest.mark.benchmark(group="rollout_vs_naive")
+def test_engine_1x4(benchmark, setup):
+    _engine(benchmark, setup, "engine_1x4", 1, 4)
+
+
+@pytest.mark.benchmark(group="rollout_vs_naive")
+def test_naive_loop_1x4(benchmark, setup):
     model, proc, samples, forced = setup
     make_env = env_factory()
     counts = dict(gen=0, visual=0)
 
     def run():
-        for si in range(1):
-            env = make_env(samples[si])
-            for ri in range(4):
-                r = naive_rollout(model, proc, env.fork(), max_rounds=ROUNDS, max_new_tokens=NEW, greedy=False,
-                                  temperature=0.9, forced=lambda k, si=si, ri=ri: forced(si, ri, k))
-                counts["gen"] += sum(r.generated_mask)
-                counts["visual"] += sum(1 for t in r.token_ids if t in (model.config.image_token_id,
-                                                                           model.config.video_token_id))
-    t = time.perf_counter()
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    _record(benchmark, "naive", counts["gen"], counts["visual"], time.perf_counter() - t, dict(role="baseline"))
+        env = make_env(samples[0])
+        for ri in range(4):
+            r = naive_rollout(model, proc, env.fork(), max_rounds=ROUNDS, max_new_tokens=NEW, greedy=False,
+                              temperature=0.9, forced=lambda k, ri=ri: forced(0, ri, k))
+            counts["gen"] += sum(r.generated_mask)
+            counts["visual"] += _visual(model, r.token_ids)
+    with _ForwardTimer(model) as ft:
+        t = time.perf_counter()
+        benchmark.pedantic(run, rounds=1, iterations=1)
+        wall = time.perf_counter() - t
+    _record(benchmark, "naive_1x4", gen_tokens=counts["gen"], visual=counts["visual"], wall=wall,
+            prefill_tokens=ft.prefill_tokens, saved=0, model_s=ft.seconds, role="baseline")
 
 
-def test_rollout_lockstep(benchmark, setup):
-    import time
+@pytest.mark.benchmark(group="rollout_vs_lockstep")
+def test_engine_2x8(benchmark, setup):
+    _engine(benchmark, setup, "engine_2x8", 2, G)
+
+
+@pytest.mark.benchmark(group="rollout_vs_lockstep")
+def test_lockstep_2x8(benchmark, setup):
     model, proc, samples, forced = setup
     make_env = env_factory()
-    counts = dict(gen=0)
+    out = {}
 
     def run():
-        res = lockstep_rollouts(model, proc, [make_env(s) for s in samples[:2]], num_generations=G, max_rounds=ROUNDS,
-                                max_new_tokens=NEW, temperature=0.9, top_k=50, forced=forced)
-        counts["gen"] = sum(sum(r.generated_mask) for g in res for r in g)
-    t = time.perf_counter()
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    _record(benchmark, "lockstep", counts["gen"], 0, time.perf_counter() - t)
-    e = _rates.get("engine")
-    if e:
-        print("\n\nrollout throughput (tiny Qwen2.5-VL, 2-core CPU, G=8, 5 rounds)")
-        print(f"{'loop':10} {'gen tok/s':>10} {'x naive':>8} {'x lockstep':>10}")
-        for name, r in _rates.items():
-            print(f"{name:10} {r['gen_tokens_per_s']:10.1f} "
-                  f"{r['gen_tokens_per_s'] / _rates['naive']['gen_tokens_per_s'] if 'naive' in _rates else float('nan'):8.2f} "
-                  f"{r['gen_tokens_per_s'] / _rates['lockstep']['gen_tokens_per_s']:10.2f}")
-        print(f"engine: visual tok/s {e['visual_tokens_per_s']:.0f}, prefill tokens {e['prefill_tokens']}, saved "
-              f"{e['prefill_tokens_saved']} (prefix sharing {e['prefix_tokens_shared']}, KV reuse "
-              f"{e['kv_reuse_tokens']}), outside model forwards {100 * e['outside_model_frac']:.1f}%")
+        out["res"] = lockstep_rollouts(model, proc, [make_env(s) for s in samples[:2]], num_generations=G,
+                                       max_rounds=ROUNDS, max_new_tokens=NEW, temperature=0.9, top_k=50,
+                                       forced=forced)
+    with _ForwardTimer(model) as ft:
+        t = time.perf_counter()
+        benchmark.pedantic(run, rounds=1, iterations=1)
+        wall = time.perf_counter() - t
+    res = [r for g in out["res"] for r in g]
+    gen = sum(sum(r.generated_mask) for r in res)
+    visual = sum(_visual(model, encode_conversation(proc, r.conversation)["input_ids"][0].tolist()) for r in res)
+    _record(benchmark, "lockstep_2x8", gen_tokens=gen, visual=visual, wall=wall, prefill_tokens=ft.prefill_tokens,
+            saved=0, model_s=ft.seconds, role="baseline")
+
+
+@pytest.mark.benchmark(group="rollout_engine_16x8")
+def test_engine_16x8(benchmark, setup):
+    _engine(benchmark, setup, "engine_16x8", PROMPTS, G)
+    e = _rates["engine_16x8"]
+    for base in ("naive_1x4", "lockstep_2x8"):
+        if base in _rates:
+            e[f"x_{base}_tokens_per_s"] = e["gen_tokens_per_s"] / _rates[base]["gen_tokens_per_s"]
+            benchmark.extra_info[f"x_{base}_tokens_per_s"] = e[f"x_{base}_tokens_per_s"]
+    print("\n\nrollout throughput (tiny Qwen2.5-VL fp32, 2-core CPU, G=8, 5 rounds, <= 40 new tokens per round)")
+    print(f"{'loop':14} {'gen tok/s':>10} {'vis tok/s':>10} {'prefill':>8} {'saved':>8} {'outside':>8}")
+    for name, r in _rates.items():
+        print(f"{name:14} {r['gen_tokens_per_s']:10.1f} {r['visual_tokens_per_s']:10.0f} {r['prefill_tokens']:8d} "
+              f"{r['prefill_tokens_saved']:8d} {100 * r['outside_model_frac']:7.1f}%")
+    for name in ("engine_1x4", "engine_2x8", "engine_16x8"):
+        for base in ("naive_1x4", "lockstep_2x8"):
+            if name in _rates and base in _rates:
+                print(f"{name} tokens/s x {base}: {_rates[name]['gen_tokens_per_s'] / _rates[base]['gen_tokens_per_s']:.2f}")

@@ -9,31 +9,42 @@
 2. `lockstep_rollouts` (TRL tool-loop style): all unfinished rollouts of a round generate together in one
    left-padded batched `generate`, then everyone re-prefills everything at the next round.
 
-Media go through transformers' processors here (the external oracle of the pixel layout); the engine
-uses videocom_fast.preprocess.
+Media go through transformers' processors here (the external oracle of the pixel layout): images as the
+reference did, PIL resize (fetch_image) then the PIL image processor; the engine uses videocom_fast.preprocess.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from videocom_fast.mrope import install_original_rope_index, mm_token_type_ids
+from videocom_fast.protocol import smart_resize
 from videocom_fast.rollout.stopping import action_line_done, has_answer, has_line_break
 
 _PAD = {"image": "<|vision_start|><|image_pad|><|vision_end|>", "video": "<|vision_start|><|video_pad|><|vision_end|>"}
 
 
 def _item_input(item):
-    """What the processor takes for one MediaItem: the cropped frame (H, W, 3) or the frames (T, H, W, 3)."""
+    """What the processor takes for one MediaItem: the cropped frame (H, W, 3) or the frames (T, H, W, 3).
+
+    Images are resized first as the reference's fetch_image does (qwen-vl-utils' smart_resize, PIL bicubic),
+    so the processor's own resize is the identity. Without this, a thin crop (a side under 14 px, e.g. a
+    6 x 183 zoom box) gets a different grid: transformers' smart_resize rounds that side to 0 and rescales
+    by min_pixels (336 x 28), qwen-vl-utils raises it to 28 first (196 x 28)."""
     if item.kind == "image":
         f = item.frames[0]
         if item.box is not None:
             x1, y1, x2, y2 = (int(v) for v in item.box)
             f = f[y1:y2, x1:x2]
-        return np.ascontiguousarray(f.numpy())
+        h, w = smart_resize(f.shape[0], f.shape[1], min_pixels=item.min_pixels, max_pixels=item.max_pixels)
+        img = Image.fromarray(np.ascontiguousarray(f.numpy())).resize((w, h), Image.Resampling.BICUBIC)
+        return np.array(img)   # writable: the processor wraps it with torch.from_numpy
     return np.ascontiguousarray(item.frames.numpy())
 
 
@@ -56,8 +67,29 @@ class Conversation:
         return out
 
 
+_PIL_PROCESSORS: dict = {}
+
+
+def pil_processor(processor):
+    """`processor` with its image processor swapped for `Qwen2VLImageProcessorPil` (same settings).
+
+    The reference fed PIL images to a PIL-based image processor; the torchvision-based default rescales and
+    normalizes in another float order and differs by 1 fp32 ulp on some pixels (2.4e-7), enough to move a
+    near-tie of a greedy argmax. The engine's fused kernel reproduces the PIL processor bit for bit."""
+    key = id(processor)
+    hit = _PIL_PROCESSORS.get(key)
+    if hit is None or hit[0] is not processor:
+        ip = processor.image_processor
+        p = copy.copy(processor)
+        p.image_processor = Qwen2VLImageProcessorPil(**{k: getattr(ip, k) for k in (
+            "size", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")})
+        hit = _PIL_PROCESSORS[key] = (processor, p)
+    return hit[1]
+
+
 def encode_conversation(processor, conv: Conversation) -> dict:
     """Re-run the processor over the whole conversation: ids (1, L) and every media tensor, from scratch."""
+    processor = pil_processor(processor)
     ids, pv, ig, pvv, vg, sgt, spans = [], [], [], [], [], [], []
     for kind, payload in conv.pieces():
         if kind == "ids":
@@ -150,6 +182,7 @@ class NaiveResult:
     finish_reason: str
     observations: list
     greedy_logprobs: list      # per generated token, log_softmax(logits / temperature) from generate's logits
+    conversation: object = None   # the Conversation (lock-step fills it instead of token_ids: no final encode)
 
 
 def naive_rollout(model, processor, env, *, max_rounds: int = 5, max_new_tokens: int = 512, greedy: bool = True,
@@ -283,5 +316,5 @@ def lockstep_rollouts(model, processor, envs: list, *, num_generations: int = 8,
     for ro in rollouts:
         conv = ro["conv"]
         n_gen = sum(len(x) - (1 if inj else 0) for x, inj in zip(conv.rounds, conv.injected))
-        results[ro["si"]].append(NaiveResult([], [True] * n_gen, ro["texts"], ro["finish"], [], []))
+        results[ro["si"]].append(NaiveResult([], [True] * n_gen, ro["texts"], ro["finish"], [], [], conv))
     return results

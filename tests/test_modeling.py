@@ -47,8 +47,9 @@ def test_piecewise_forward_equals_model_forward(tiny):
     assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
 
     lp = modeling.chunked_token_logprobs(model, h[:-1], ids_L[1:], temperature=0.7, chunk=5)
-    full = torch.log_softmax(ref[:-1].float() / 0.7, -1).gather(-1, ids_L[1:, None]).squeeze(-1)
-    assert torch.allclose(lp, full, atol=1e-5)
+    full = torch.log_softmax(ref[:-1] / 0.7, -1).gather(-1, ids_L[1:, None]).squeeze(-1)
+    assert lp.dtype == torch.float64  # never downcast below the model's precision
+    assert torch.allclose(lp, full, atol=1e-10)
 
 
 def test_embed_rejects_wrong_feature_count(tiny):

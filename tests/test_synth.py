@@ -98,7 +98,9 @@ def test_annotations_are_true_in_the_pixels(data):
             crop = src.get_frames([frame_number - 1])[0].numpy()[y1:y2, x1:x2].astype(int)
             return (np.abs(crop - TAG_BG).max(axis=2) < 25).mean()
 
-        assert all(tag_fraction(f) > 0.5 for f in range(a, b + 1))
+        # the glyph covers part of the tag: bold wide glyphs leave ~40% of the box at the tag's background
+        # colour (seen: 0.39-0.75 when present), against < 0.2 wherever the tag is absent
+        assert all(tag_fraction(f) > 0.3 for f in range(a, b + 1)), [tag_fraction(f) for f in range(a, b + 1)]
         away = [f for f in (a - 3, b + 3, 1, src.num_frames) if 1 <= f <= src.num_frames]
         assert all(tag_fraction(f) < 0.2 for f in away)
 

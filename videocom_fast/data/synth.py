@@ -272,6 +272,12 @@ def _grpo_record(r: dict) -> dict:
 
 # --- entry point ----------------------------------------------------------------------------------
 
+def _single_threaded_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h264", width: int = 320,
                height: int = 192, fps: int = 8, seconds=(40, 60), media_config=None,
                workers: int | None = None) -> dict:
@@ -302,9 +308,11 @@ def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h
     if workers > 1:
         import multiprocessing as mp
 
-        # NOTE: spawn, not fork: a forked child of a process whose OpenMP pool already ran (any torch op
-        # in a test session or trainer) deadlocks in its first parallel torch op.
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        # NOTE: a forked child of a process whose OpenMP pool already ran (any torch op in a test session or
+        # trainer) deadlocks in its first parallel torch op; one intra-op thread per worker never enters an
+        # OpenMP region. (spawn would avoid it too, but breaks callers whose __main__ is not a file.)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
+                                 initializer=_single_threaded_worker) as pool:
             records = list(pool.map(_make_sample, jobs))
     else:
         records = [_make_sample(j) for j in jobs]
