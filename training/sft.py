@@ -109,7 +109,13 @@ def build_model(cfg: SFTConfig, device: torch.device):
     path = cfg.model
     if path == "tiny" or path.startswith("tiny:"):
         seed = int(path.split(":")[1]) if ":" in path else cfg.seed
-        path = build_tiny(Path(cfg.output_dir) / "_base", seed=seed)
+        path = Path(cfg.output_dir) / "_base"
+        # NOTE: one writer: the other ranks wait for rank 0's files instead of racing to rewrite them
+        multi = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not multi or torch.distributed.get_rank() == 0:
+            build_tiny(path, seed=seed)
+        if multi:
+            torch.distributed.barrier()
     model, processor = load(path, dtype=_dtype(cfg, device), device=device)
     install_packed_attention(model)
     _freeze(model, cfg)
