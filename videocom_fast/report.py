@@ -196,8 +196,8 @@ def write_report(run_dir, out=None, max_trajectories: int = 64) -> Path:
         rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in s.items())
         body.append(f'<h2>Summary</h2><table id="summary">{rows}</table>')
     curves = []
-    for name, keys in (("sft", ["loss", "eval_loss"]), ("grpo", ["reward_mean", "reward_accuracy",
-                                                                 "reward_reasoning", "reward_format"])):
+    for name, keys in (("sft", ["loss", "eval_loss"]), ("grpo", ["reward/mean", "reward/accuracy/mean",
+                                                                 "reward/reasoning/mean", "reward/format/mean"])):
         mfile = run / name / "metrics.jsonl"
         if mfile.exists():
             png = _curve_png(_read_jsonl(mfile), keys, f"{name.upper()} {', '.join(keys)}")
