@@ -341,7 +341,9 @@ def run_grpo(cfg: GRPOConfig) -> dict:
                   cfg.keep_last)
     if cfg.save_final:
         sft._export(policy, processor, out, dist, engine)
-    result = {"steps": [r["step"] for r in history], "reward_mean": [r["reward/mean"] for r in history],
+    means = [r["reward/mean"] for r in history]
+    result = {"steps": [r["step"] for r in history], "reward_mean": means,
+              "reward_means": means,   # the key videocom_fast/demo.py reads
               "loss": [r["loss"] for r in history], "history": history, "output_dir": str(out)}
     if dist.is_main:
         (out / "grpo_result.json").write_text(json.dumps(result, indent=1))
