@@ -5,6 +5,7 @@ import random
 import pytest
 
 from videocom_fast import rewards
+from videocom_fast.data import load_samples
 from videocom_fast.protocol import smart_resize
 from videocom_fast.rewards import (accuracy_reward, combined_reward, format_reward, reasoning_reward,
                                    resized_gold_boxes)
@@ -229,3 +230,23 @@ def test_bad_inputs():
     del nohw["frame_hw"]
     with pytest.raises(ValueError, match="frame_hw"):
         reasoning_reward([good_episode()], [nohw])
+
+
+def test_gold_chain_scores_full_reasoning_with_the_limits_it_was_shown(synth_small):
+    """The synthesized gold chain's zoom box lives in the coordinates of a frame resized with the tiny
+    config's image limits: scored with those limits every manipulation is right; with the protocol's
+    default limits the gold boxes are rescaled differently and the zoom no longer matches."""
+    import json
+
+    data_dir, mc = synth_small
+    sft = json.loads((data_dir / "sft.json").read_text())
+    grpo = {s["id"]: s for s in load_samples(data_dir / "grpo.json", kind="grpo")}
+    pairs = [("\n".join(t["value"] for t in s["conversations"] if t["from"] == "gpt"), grpo[s["id"]])
+             for s in sft if s["id"] in grpo]
+    assert pairs
+    texts, samples = zip(*pairs)
+    limits = (mc.image_min_pixels, mc.image_max_pixels)
+    assert reasoning_reward(list(texts), list(samples), image_pixels=limits) == [1.0] * len(pairs)
+    assert all(r < 1.0 for r in reasoning_reward(list(texts), list(samples)))
+    total, parts = combined_reward(list(texts), list(samples), image_pixels=limits)
+    assert parts["reasoning"] == [1.0] * len(pairs) and parts["accuracy"] == [1.0] * len(pairs)

@@ -195,9 +195,15 @@ def _gathered(engine):
 
 def score_episodes(trajs, samples, cfg: GRPOConfig):
     """(rewards (N,), {component: (N,)}) for episodes whose sample is `samples[t.sample_index]`."""
+    from videocom_fast.env import MediaConfig
+
     fn = _reward_fn(cfg.reward_fn)
+    kwargs = {"reward_compat": cfg.reward_compat}
+    if not cfg.reward_fn:  # gold boxes are rescaled to the image limits the episodes were shown with
+        m = MediaConfig(**cfg.media)
+        kwargs["image_pixels"] = (m.image_min_pixels, m.image_max_pixels)
     total, parts = fn([t.completion_text for t in trajs], [samples[t.sample_index] for t in trajs],
-                                   cfg.reward_weights, reward_compat=cfg.reward_compat)
+                      cfg.reward_weights, **kwargs)
     return torch.tensor(total, dtype=torch.float32), {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}
 
 

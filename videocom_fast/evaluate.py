@@ -16,12 +16,13 @@ from .rewards import (IOU_THRESHOLD, box_iou, combined_reward, predicted_manipul
                       resized_gold_boxes)
 
 
-def manipulation_counts(text: str, sample: dict) -> dict[str, tuple[int, int]]:
+def manipulation_counts(text: str, sample: dict, image_pixels=None) -> dict[str, tuple[int, int]]:
     """{type: (correct, predicted)} for segment / frame / zoom, by the rewards' own rules."""
     segs, frames, boxes = predicted_manipulations(text)
     valid_segments = {int(s) for s in sample.get("valid_segments") or []}
     valid_frames = [(int(s), int(e)) for s, e in sample.get("valid_frames") or []]
-    gold = resized_gold_boxes(sample) if boxes else {}
+    limits = {} if image_pixels is None else {"min_pixels": image_pixels[0], "max_pixels": image_pixels[1]}
+    gold = resized_gold_boxes(sample, **limits) if boxes else {}
     return {
         "segment": (len(segs & valid_segments), len(segs)),
         "frame": (sum(any(s <= f <= e for s, e in valid_frames) for f in frames), len(frames)),
@@ -37,15 +38,16 @@ def media_config_from(cfg):
     return MediaConfig(**dict(cfg))
 
 
-def score_episodes(trajs_per_sample, samples) -> tuple[list[dict], dict]:
-    """Per-episode rewards and the summary over all episodes."""
+def score_episodes(trajs_per_sample, samples, image_pixels=None) -> tuple[list[dict], dict]:
+    """Per-episode rewards and the summary over all episodes (`image_pixels`: the (min, max) limits the
+    FIND_FRAME images were shown with, for the gold boxes)."""
     flat = [(t, samples[i]) for i, ts in enumerate(trajs_per_sample) for t in ts]
     texts = [t.completion_text for t, _ in flat]
-    total, parts = combined_reward(texts, [s for _, s in flat])
+    total, parts = combined_reward(texts, [s for _, s in flat], image_pixels=image_pixels)
     per, counts, actions, finishes = [], Counter(), Counter(), Counter()
     for k, (t, s) in enumerate(flat):
         per.append({"total": total[k], **{name: v[k] for name, v in parts.items()}})
-        for kind, (c, n) in manipulation_counts(texts[k], s).items():
+        for kind, (c, n) in manipulation_counts(texts[k], s, image_pixels).items():
             counts[kind + "_correct"] += c
             counts[kind + "_predicted"] += n
         actions.update(a.kind for a in parse_actions(texts[k]))
@@ -86,7 +88,9 @@ def run_episodes(engine, samples, *, num_generations=1, greedy=True, seed=0, tem
     trajs = engine.generate(samples, num_generations=num_generations, greedy=greedy, seed=seed,
                             temperature=temperature)
     wall = time.perf_counter() - t0
-    per, summary = score_episodes(trajs, samples)
+    mc = engine.media_config
+    limits = None if mc is None else (mc.image_min_pixels, mc.image_max_pixels)
+    per, summary = score_episodes(trajs, samples, limits)
     st = engine.stats
     summary.update(wall_s=wall, rollout_tokens_per_s=st.get("generated_tokens", 0) / max(wall, 1e-9),
                    visual_tokens_per_s=st.get("visual_tokens", 0) / max(wall, 1e-9),
@@ -95,14 +99,16 @@ def run_episodes(engine, samples, *, num_generations=1, greedy=True, seed=0, tem
     return trajs, per, summary
 
 
-def evaluate(model_dir, data, out, *, greedy=True, limit=None, seed=0, media=None, max_rounds=5,
-             max_new_tokens=512, engine=None, tag="eval") -> dict:
-    """Greedy (or sampled) episodes over `data`; writes OUT (JSON) and trajectories beside it."""
+def evaluate(model_dir, data, out, *, greedy=True, num_generations=1, limit=None, seed=0, media=None,
+             max_rounds=5, max_new_tokens=512, engine=None, tag="eval") -> dict:
+    """Greedy (or sampled, `num_generations` per sample) episodes over `data`; writes OUT (JSON) and the
+    trajectories beside it."""
     from .data import load_samples
 
     samples = load_samples(data, kind="grpo")[:limit]
     engine = engine or _engine(model_dir, media, max_rounds=max_rounds, max_new_tokens=max_new_tokens)
-    trajs, per, summary = run_episodes(engine, samples, num_generations=1, greedy=greedy, seed=seed)
+    trajs, per, summary = run_episodes(engine, samples, num_generations=1 if greedy else num_generations,
+                                       greedy=greedy, seed=seed)
     summary = {"model": str(model_dir), "data": str(data), "greedy": greedy, **summary}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

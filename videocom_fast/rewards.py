@@ -165,11 +165,11 @@ def predicted_manipulations(text: str):
     return segs, frames, boxes
 
 
-def _fixed_reasoning(text: str, sample: dict) -> float:
+def _fixed_reasoning(text: str, sample: dict, image_pixels=None) -> float:
     segs, frames, boxes = predicted_manipulations(text)
     valid_segments = set(int(s) for s in sample.get("valid_segments") or [])
     valid_frames = [(int(s), int(e)) for s, e in sample.get("valid_frames") or []]
-    gold_boxes = resized_gold_boxes(sample) if boxes else {}
+    gold_boxes = resized_gold_boxes(sample, **_limits(image_pixels)) if boxes else {}
     correct = total = 0
     if valid_segments and segs:
         total += len(segs)
@@ -286,8 +286,16 @@ def _ref_reasoning_score(content: str, gt: dict, gold_boxes: dict) -> float:
     return correct / total if total > 0 else 0.0
 
 
-def _ref_gold_boxes(content: str, sample: dict) -> dict:
-    return resized_gold_boxes(sample) if "SPATIAL_ZOOM" in content else {}
+def _ref_gold_boxes(content: str, sample: dict, image_pixels=None) -> dict:
+    return resized_gold_boxes(sample, **_limits(image_pixels)) if "SPATIAL_ZOOM" in content else {}
+
+
+def _limits(image_pixels) -> dict:
+    """resized_gold_boxes kwargs for the (min_pixels, max_pixels) the FIND_FRAME images were shown with."""
+    if image_pixels is None:
+        return {}
+    lo, hi = image_pixels
+    return {"min_pixels": int(lo), "max_pixels": int(hi)}
 
 
 # --- public API --------------------------------------------------------------------------------------
@@ -307,19 +315,19 @@ def format_reward(completions, samples=None, *, reward_compat: str = "fixed") ->
     return [fn(t) for t in texts]
 
 
-def reasoning_reward(completions, samples, *, reward_compat: str = "fixed") -> list[float]:
+def reasoning_reward(completions, samples, *, reward_compat: str = "fixed", image_pixels=None) -> list[float]:
     """Correct / total over the predicted manipulations, in [0, 1] (without the accuracy term)."""
     texts = _check(completions, samples, reward_compat)
     if reward_compat == "reference":
-        return [_ref_reasoning_score(t, s, _ref_gold_boxes(t, s)) for t, s in zip(texts, samples)]
-    return [_fixed_reasoning(t, s) for t, s in zip(texts, samples)]
+        return [_ref_reasoning_score(t, s, _ref_gold_boxes(t, s, image_pixels)) for t, s in zip(texts, samples)]
+    return [_fixed_reasoning(t, s, image_pixels) for t, s in zip(texts, samples)]
 
 
 REWARD_FUNCS = {"accuracy": accuracy_reward, "format": format_reward, "reasoning": reasoning_reward}
 
 
 def combined_reward(completions, samples, weights: dict | None = None, *,
-                    reward_compat: str = "fixed") -> tuple[list[float], dict[str, list[float]]]:
+                    reward_compat: str = "fixed", image_pixels=None) -> tuple[list[float], dict[str, list[float]]]:
     """(total per completion, {component: per-completion values}) with total = sum_k weights[k] * part_k.
 
     Default weights {accuracy: 1, reasoning: 1, format: 0} give the method's reward in [0, 2]; in
@@ -331,6 +339,11 @@ def combined_reward(completions, samples, weights: dict | None = None, *,
     if unknown:
         raise ValueError(f"weights: unknown reward names {sorted(unknown)}; known: {sorted(REWARD_FUNCS)}")
     _check(completions, samples, reward_compat)
-    parts = {k: fn(completions, samples, reward_compat=reward_compat) for k, fn in REWARD_FUNCS.items()}
+    # NOTE: image_pixels = (min, max) pixel limits of the FIND_FRAME images the model saw; the gold boxes are
+    # rescaled with them (default: the protocol's 4*28*28 .. 128*28*28)
+    parts = {k: fn(completions, samples, reward_compat=reward_compat) for k, fn in REWARD_FUNCS.items()
+             if k != "reasoning"}
+    parts["reasoning"] = reasoning_reward(completions, samples, reward_compat=reward_compat,
+                                          image_pixels=image_pixels)
     total = [sum(float(weights.get(k, 0.0)) * parts[k][i] for k in parts) for i in range(len(completions))]
     return total, parts
