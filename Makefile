@@ -47,9 +47,10 @@ test: $(BUILT) $(SYSDEPS)
 test-fast: $(BUILT)
 	$(PY) -m pytest tests -m "not slow" -x $(PYTEST_ARGS)
 
+BENCH ?= bench
 bench: $(BUILT)
 	mkdir -p runs/bench
-	$(PY) -m pytest bench --benchmark-only --benchmark-json=runs/bench/bench.json $(PYTEST_ARGS)
+	$(PY) -m pytest $(BENCH) --benchmark-only --benchmark-json=runs/bench/bench.json $(PYTEST_ARGS)
 	$(PY) -m videocom_fast.benchtable runs/bench/bench.json
 
 clean:
