@@ -314,8 +314,15 @@ def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
                                  initializer=_single_threaded_worker) as pool:
             records = list(pool.map(_make_sample, jobs))
-    else:
-        records = [_make_sample(j) for j in jobs]
+    else:  # same intra-op thread count as a worker, so a 1-process run renders the same pixels
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            records = [_make_sample(j) for j in jobs]
+        finally:
+            torch.set_num_threads(threads)
     num_eval = max(1, num_samples // 8) if num_samples >= 2 else 0
     train, held = records[:num_samples - num_eval], records[num_samples - num_eval:]
     files = {"sft": [_sft_record(r, fps, image_hw, width, height) for r in train],
