@@ -82,3 +82,18 @@ def config_hash(cfg, extra: str = "") -> str:
 
     blob = json.dumps(to_dict(cfg), sort_keys=True, default=str) + extra
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_cli(prog: str, cls, argv=None):
+    """`PROG --config FILE [key=value ...] [--resume]` -> a `cls` config (argv may already be one)."""
+    import argparse
+
+    if isinstance(argv, cls):
+        return argv
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None)  # set by the deepspeed launcher
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    return load_config(cls, args.config, args.overrides, **({"resume": True} if args.resume else {}))

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .config import load_config, to_dict
+from .config import parse_cli, to_dict
 from .distributed import all_reduce_sum, init_distributed
 from .grpo_loss import LOSS_REDUCTIONS, grpo_loss, group_advantages, pad_rows
 from .logprobs import media_embeds, packed_logprobs
@@ -427,19 +427,7 @@ def _visual(model):
 
 def main(argv=None) -> int:
     """`videocom-fast grpo --config FILE [key=value ...] [--resume]`; argv may also be a GRPOConfig."""
-    import argparse
-
-    if isinstance(argv, GRPOConfig):
-        run_grpo(argv)
-        return 0
-    ap = argparse.ArgumentParser(prog="videocom-fast grpo")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None)  # set by the deepspeed launcher
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    cfg = load_config(GRPOConfig, args.config, args.overrides, **({"resume": True} if args.resume else {}))
-    result = run_grpo(cfg)
+    result = run_grpo(parse_cli("videocom-fast grpo", GRPOConfig, argv))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"steps": len(result["steps"]), "reward_mean": result["reward_mean"],
                           "output_dir": result["output_dir"]}, indent=1))

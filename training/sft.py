@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import load_config, to_dict
+from .config import parse_cli, to_dict
 from .distributed import all_reduce_sum, barrier, init_distributed
 from .metrics import MetricsLogger
 from .packing import collate, install_packed_attention, media_embeddings, pack_indices, packed_loss_sum
@@ -396,19 +396,7 @@ def _progress(cfg, dist, total, initial):
 
 def main(argv=None) -> int:
     """`videocom-fast sft --config FILE [key=value ...] [--resume]`; argv may also be an SFTConfig."""
-    import argparse
-
-    if isinstance(argv, SFTConfig):
-        run_sft(argv)
-        return 0
-    ap = argparse.ArgumentParser(prog="videocom-fast sft")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None)  # set by the deepspeed launcher
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    cfg = load_config(SFTConfig, args.config, args.overrides, **({"resume": True} if args.resume else {}))
-    result = run_sft(cfg)
+    result = run_sft(parse_cli("videocom-fast sft", SFTConfig, argv))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}
                          | {"first_loss": result["losses"][0] if result["losses"] else None,

@@ -43,14 +43,9 @@ def segment_ranges(total_frames: int, fps: float) -> list[tuple[int, int]]:
 
 
 def segment_time_ranges(total_frames: int, fps: float, segments: list[int]) -> list[tuple[float, float]]:
-    from .reference import _int_arg
+    from .reference import time_ranges_of
 
-    ranges = _C.protocol_segment_ranges(total_frames, fps)
-    out = []
-    for i, s in enumerate(segments):
-        s = _int_arg("segment_time_ranges", f"segments[{i}]", s, 1, len(ranges))
-        out.append((round(ranges[s - 1][0] / fps, 2), round(ranges[s - 1][1] / fps, 2)))
-    return out
+    return time_ranges_of(_C.protocol_segment_ranges(total_frames, fps), fps, segments)
 
 
 def smart_resize(height: int, width: int, *, factor: int = 28, min_pixels: int = 4 * 28 * 28,

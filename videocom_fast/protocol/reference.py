@@ -278,7 +278,11 @@ def segment_ranges(total_frames: int, fps: float) -> list[tuple[int, int]]:
 
 def segment_time_ranges(total_frames: int, fps: float, segments: list[int]) -> list[tuple[float, float]]:
     """Time ranges (seconds, rounded to 2 decimals) of 1-based `segments`, as the reference computes them."""
-    ranges = segment_ranges(total_frames, fps)
+    return time_ranges_of(segment_ranges(total_frames, fps), fps, segments)
+
+
+def time_ranges_of(ranges, fps: float, segments: list[int]) -> list[tuple[float, float]]:
+    """`segments` (1-based, checked) of a partition's frame `ranges`, as rounded time ranges."""
     out = []
     for i, s in enumerate(segments):
         s = _int_arg("segment_time_ranges", f"segments[{i}]", s, 1, len(ranges))
