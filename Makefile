@@ -50,7 +50,7 @@ test-fast: $(BUILT)
 BENCH ?= bench
 bench: $(BUILT)
 	mkdir -p runs/bench
-	$(PY) -m pytest $(BENCH) --benchmark-only --benchmark-json=runs/bench/bench.json $(PYTEST_ARGS)
+	$(PY) -m pytest $(BENCH) -o python_files="bench_*.py" --benchmark-only --benchmark-json=runs/bench/bench.json $(PYTEST_ARGS)
 	$(PY) -m videocom_fast.benchtable runs/bench/bench.json
 
 clean:

@@ -87,7 +87,7 @@ def _cmd_bench(args) -> int:
     root = Path(__file__).resolve().parent.parent
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", str(root / "bench"), "--benchmark-only",
+    cmd = [sys.executable, "-m", "pytest", str(root / "bench"), "-o", "python_files=bench_*.py", "--benchmark-only",
            f"--benchmark-json={out}", *args.pytest_args]
     rc = subprocess.call(cmd, cwd=root)
     if out.exists():
