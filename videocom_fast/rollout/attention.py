@@ -63,10 +63,9 @@ class PagedBatch:
                 rows = torch.tensor([self.q_starts[i] for i in dec], device=device)
                 ctx = torch.tensor([self.ctx_lens[i] for i in dec], device=device)
                 maxb = -(-max(self.ctx_lens[i] for i in dec) // bs)
-                table = torch.zeros(len(dec), maxb, dtype=torch.long)
-                for r, i in enumerate(dec):
-                    nb = -(-self.ctx_lens[i] // bs)
-                    table[r, :nb] = torch.as_tensor(self.block_tables[i][:nb])
+                # one tensor from padded lists (a per-row torch.as_tensor cost ~40 us each)
+                table = torch.tensor([list(self.block_tables[i][:nb]) + [0] * (maxb - nb)
+                                      for i in dec for nb in (-(-self.ctx_lens[i] // bs),)], dtype=torch.long)
                 mask = (torch.arange(maxb * bs, device=device)[None, :] < ctx[:, None])[:, None, None, :]
                 out.append((rows, table.to(device), mask))
             self._cache["dec"] = out
@@ -119,10 +118,16 @@ def paged_attention(module, query, key, value, attention_mask, *, scaling=None, 
     out_LHD = torch.empty_like(q_LHD)
     for rows, table, mask in (paged.decode_meta(query.device) if paged.decode_chunks else ()):
         Nd, maxb = table.shape
-        k = kp[table].reshape(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
-        v = vp[table].reshape(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
-        q = q_LHD.index_select(0, rows)[:, :, None, :]      # (Nd, Hq, 1, D)
-        out_LHD.index_copy_(0, rows, _sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, scaling)[:, :, 0, :])
+        # index_select of whole blocks on the flat table: ~4x faster than advanced indexing kp[table] on CPU
+        flat = table.view(-1)
+        k = kp.index_select(0, flat).view(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
+        v = vp.index_select(0, flat).view(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
+        # GQA folded into the query-length axis: the g = Hq / Hkv query heads that share a kv head become g
+        # query rows of it (head h -> kv head h // g, as repeat_kv), so K/V are never expanded to Hq heads
+        g = q_LHD.shape[1] // pool.num_kv_heads
+        q = q_LHD.index_select(0, rows).view(Nd, pool.num_kv_heads, g, pool.head_dim)
+        o = _sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, scaling)  # (Nd, Hkv, g, D)
+        out_LHD.index_copy_(0, rows, o.reshape(Nd, q_LHD.shape[1], pool.head_dim))
     for i in paged.prefill_chunks:
         qs, n, ctx = paged.q_starts[i], paged.q_lens[i], paged.ctx_lens[i]
         k, v = pool.gather(layer, paged.block_tables[i][:-(-ctx // pool.block_size)], ctx)

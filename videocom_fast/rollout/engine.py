@@ -80,6 +80,7 @@ class _Seq:
         self.logprobs = [0.0] * len(prompt_ids)
         self.pos = torch.empty(3, max(256, 2 * len(prompt_ids)), dtype=torch.long)
         self.pos[:, :len(prompt_ids)] = prompt_pos
+        self._pos_np = self.pos.numpy()   # same memory: a numpy element write costs ~0.1 us, torch's ~10 us
         self.cursor = cursor
         self.blocks = list(blocks)
         self.traj = traj
@@ -98,7 +99,7 @@ class _Seq:
     def push_text_pos(self) -> None:
         n = len(self.tokens) - 1
         self._grow(n + 1)
-        self.pos[:, n] = self.cursor.next_position
+        self._pos_np[:, n] = self.cursor.next_position
         self.cursor.next_position += 1
 
     def _grow(self, need: int) -> None:
@@ -106,6 +107,7 @@ class _Seq:
             new = torch.empty(3, max(need, 2 * self.pos.shape[1]), dtype=torch.long)
             new[:, :self.pos.shape[1]] = self.pos
             self.pos = new
+            self._pos_np = new.numpy()
 
 
 def positions_for(cursor: MRopeCursor, ids: list[int], media: list, image_pad: int, video_pad: int) -> torch.Tensor:
@@ -442,11 +444,15 @@ class RolloutEngine:
         tokens, lps = sample(logits, self.params, [s.gen for s in who], self.suppress_ids)
         tokens, lps = tokens.tolist(), lps.tolist()
         if self.forced_rounds is not None:
+            logp = None
             for k, s in enumerate(who):
                 script = self.forced_rounds(s.group.sample_index, s.rollout_index, len(s.traj.rounds))
                 if script is not None and s.round_len < len(script):
                     tokens[k] = int(script[s.round_len])
-                    lps[k] = float((logits[k] / self.params.temperature).log_softmax(-1)[tokens[k]])
+                    if logp is None:   # one log-softmax for all rows, not one per scripted token
+                        logp = (logits.to(torch.promote_types(logits.dtype, torch.float32))
+                                / self.params.temperature).log_softmax(-1)
+                    lps[k] = float(logp[k, tokens[k]])
         for s, tok, lp in zip(who, tokens, lps):
             self._on_token(s, tok, lp)
 
