@@ -27,7 +27,7 @@ from videocom_fast.training.logprobs import chunked_logprobs  # noqa: E402
 N, D, V, CHUNK = 1024, 256, 32000, 256
 
 _CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_logprobs import full_logits_logprobs
 from videocom_fast.training.logprobs import chunked_logprobs
@@ -38,7 +38,6 @@ class M(torch.nn.Module):
         super().__init__(); s.lm_head = torch.nn.Linear(D, V, bias=False)
 m = M()
 h = torch.randn(N, D, requires_grad=True); t = torch.randint(0, V, (N,)); w = torch.randn(N)
-kb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4
 torch.ones(1).sum()

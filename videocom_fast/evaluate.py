@@ -12,22 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from .protocol import parse_actions
-from .rewards import (IOU_THRESHOLD, box_iou, combined_reward, predicted_manipulations,
-                      resized_gold_boxes)
-
-
-def manipulation_counts(text: str, sample: dict, image_pixels=None) -> dict[str, tuple[int, int]]:
-    """{type: (correct, predicted)} for segment / frame / zoom, by the rewards' own rules."""
-    segs, frames, boxes = predicted_manipulations(text)
-    valid_segments = {int(s) for s in sample.get("valid_segments") or []}
-    valid_frames = [(int(s), int(e)) for s, e in sample.get("valid_frames") or []]
-    limits = {} if image_pixels is None else {"min_pixels": image_pixels[0], "max_pixels": image_pixels[1]}
-    gold = resized_gold_boxes(sample, **limits) if boxes else {}
-    return {
-        "segment": (len(segs & valid_segments), len(segs)),
-        "frame": (sum(any(s <= f <= e for s, e in valid_frames) for f in frames), len(frames)),
-        "zoom": (sum(f in gold and box_iou(b, gold[f]) >= IOU_THRESHOLD for f, b in boxes), len(boxes)),
-    }
+from .rewards import combined_reward, manipulation_counts
 
 
 def media_config_from(cfg):
@@ -47,7 +32,7 @@ def score_episodes(trajs_per_sample, samples, image_pixels=None) -> tuple[list[d
     per, counts, actions, finishes = [], Counter(), Counter(), Counter()
     for k, (t, s) in enumerate(flat):
         per.append({"total": total[k], **{name: v[k] for name, v in parts.items()}})
-        for kind, (c, n) in manipulation_counts(texts[k], s, image_pixels).items():
+        for kind, (c, n, _) in manipulation_counts(texts[k], s, image_pixels).items():
             counts[kind + "_correct"] += c
             counts[kind + "_predicted"] += n
         actions.update(a.kind for a in parse_actions(texts[k]))

@@ -165,22 +165,24 @@ def predicted_manipulations(text: str):
     return segs, frames, boxes
 
 
-def _fixed_reasoning(text: str, sample: dict, image_pixels=None) -> float:
+def manipulation_counts(text: str, sample: dict, image_pixels=None) -> dict[str, tuple[int, int, bool]]:
+    """{"segment" | "frame" | "zoom": (correct, predicted, annotated)} by the fixed rules; a type counts
+    toward the reasoning score only when the sample annotates it."""
     segs, frames, boxes = predicted_manipulations(text)
     valid_segments = set(int(s) for s in sample.get("valid_segments") or [])
     valid_frames = [(int(s), int(e)) for s, e in sample.get("valid_frames") or []]
-    gold_boxes = resized_gold_boxes(sample, **_limits(image_pixels)) if boxes else {}
-    correct = total = 0
-    if valid_segments and segs:
-        total += len(segs)
-        correct += len(segs & valid_segments)
-    if valid_frames and frames:
-        total += len(frames)
-        correct += sum(any(s <= f <= e for s, e in valid_frames) for f in frames)
-    if gold_boxes and boxes:
-        total += len(boxes)
-        correct += sum(f in gold_boxes and box_iou(b, gold_boxes[f]) >= IOU_THRESHOLD for f, b in boxes)
-    return correct / total if total else 0.0
+    gold = resized_gold_boxes(sample, **_limits(image_pixels)) if boxes else {}
+    return {
+        "segment": (len(segs & valid_segments), len(segs), bool(valid_segments)),
+        "frame": (sum(any(s <= f <= e for s, e in valid_frames) for f in frames), len(frames), bool(valid_frames)),
+        "zoom": (sum(f in gold and box_iou(b, gold[f]) >= IOU_THRESHOLD for f, b in boxes), len(boxes), bool(gold)),
+    }
+
+
+def _fixed_reasoning(text: str, sample: dict, image_pixels=None) -> float:
+    counts = [c for c in manipulation_counts(text, sample, image_pixels).values() if c[2]]
+    total = sum(n for _, n, _ in counts)
+    return sum(c for c, _, _ in counts) / total if total else 0.0
 
 
 # --- reference scoring (transcribed from train/src/train/reward_{funcs,utils}.py, defects kept) -------
