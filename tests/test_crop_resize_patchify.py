@@ -160,6 +160,73 @@ def test_cpp_kernel_fills_poisoned_output_like_reference(dtype):
         assert torch.equal(out, want)
 
 
+def _simd_items(g, mode):
+    """Sizes that reach every SIMD branch and its edges: partial 16-byte horizontal groups and 64-byte vertical
+    blocks, a 1x1 crop (upscale), a 5x horizontal downscale (its tap window exceeds 128 bytes: the transposing
+    loop runs), a tall image (PIL resizes vertically first), and a 9-frame video (5 temporal patches: whole-slice
+    tasks whose window rows reuse the horizontal rows of the previous one; odd T pads)."""
+    def frames(t, h, w):
+        return torch.randint(0, 256, (t, h, w, 3), dtype=torch.uint8, generator=g)
+    return [P._Item(frames(1, 97, 341), (0, 0, 341, 97), 84, 336, mode),
+            P._Item(frames(1, 50, 60), (7, 3, 8, 4), 56, 56, mode),
+            P._Item(frames(1, 200, 700), (0, 0, 700, 200), 56, 140, mode),
+            P._Item(frames(1, 130, 45), (0, 0, 45, 130), 56, 28, mode),
+            P._Item(frames(9, 40, 90), (2, 1, 89, 40), 84, 112, mode)]
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return (t.view(torch.int16) if t.element_size() == 2 else t).numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["pil", "torch"])
+def test_cpp_kernel_simd_paths_equal_portable_and_reference(dtype, mode):
+    """The hand-written loops (computed normalisation store, permute-based horizontal pass, register-blocked
+    vertical pass; PIL's 22-bit weights split in two) equal the portable loops with table lookups and the PyTorch
+    reference, bit for bit, with one thread (whole-slice video tasks) and two."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    all_items = _simd_items(g, MODES[mode])
+    lut, norm = P.normalize_lut(MODES[mode], dtype), P.normalize_formula(MODES[mode])
+    if _C.cpu_simd_isa() == "avx512_vbmi":  # else this test checks the portable loops twice
+        assert _C.cpu_store_kind(_bits(lut), norm) == {torch.float32: "f32", torch.bfloat16: "bf16",
+                                                      torch.float16: "f16"}[dtype]
+    previous, threads = _C.set_cpu_simd(True), torch.get_num_threads()
+    try:
+        for items in (all_items[:4], all_items[4:]):  # a video alone gets whole-slice tasks (1 thread)
+            want = torch.full((sum(it.rows for it in items), P.PATCH_DIM), float("nan"), dtype=dtype)
+            P._run_torch(items, lut, want)
+            for simd, n in [(True, 1), (True, 2), (False, 1)]:
+                _C.set_cpu_simd(simd)
+                torch.set_num_threads(n)
+                got = torch.full_like(want, float("nan"))
+                P._run_cpp(items, lut, got, norm)
+                assert torch.equal(got, want), (simd, n, (got.float() - want.float()).abs().max())
+    finally:
+        _C.set_cpu_simd(previous)
+        torch.set_num_threads(threads)
+
+
+def test_cpp_kernel_wrong_formula_falls_back_to_table():
+    """A closed form that differs from the table in even one entry is not used: the table decides the values."""
+    lut = P.normalize_lut(P.MODE_TORCH, torch.float32)
+    kind, scale, mean, std = P.normalize_formula(P.MODE_TORCH)
+    bad = (kind, scale, [mean[0], float(np.nextafter(np.float32(mean[1]), np.float32(0))), mean[2]], std)
+    assert _C.cpu_store_kind(lut.numpy(), bad) == "table"
+    assert _C.cpu_store_kind(lut.numpy(), None) == "table"
+    assert _C.cpu_store_kind(P.normalize_lut(P.MODE_PIL, torch.float32).numpy(), (kind, scale, mean, std)) == "table"
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    items = _simd_items(g, P.MODE_TORCH)[:2]
+    rows = sum(it.rows for it in items)
+    want = torch.empty(rows, P.PATCH_DIM)
+    P._run_torch(items, lut, want)
+    for norm in (bad, (0, 1.0, mean, std)):
+        got = torch.full_like(want, float("nan"))
+        P._run_cpp(items, lut, got, norm)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="norm"):
+        P._run_cpp(items, lut, torch.empty(rows, P.PATCH_DIM), (3, 1.0, mean, std))
+
+
 def test_cpp_kernel_rejects_bad_buffers():
     frames = np.zeros((1, 30, 40, 3), np.uint8)
     lut = P.normalize_lut(0, torch.float32).numpy()

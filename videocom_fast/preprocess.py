@@ -161,6 +161,15 @@ def vertical_first(mode: int, in_h: int, in_w: int, out_h: int, out_w: int) -> b
 
 
 _LUTS: dict = {}
+_NORMS: dict = {}
+
+
+def normalize_formula(mode: int) -> tuple[int, float, list[float], list[float]]:
+    """The closed form `normalize_lut` tabulates, as the C++ kernel's `norm` argument (kind, scale, mean, std):
+    kind 1 = (f32(v) - mean) / std (torchvision), kind 2 = (f32(f64(v) * scale) - mean) / std (PIL), all float32
+    values. The kernel computes 16 values at a time with it, but only after checking it reproduces the table."""
+    normalize_lut(mode, torch.float32)
+    return _NORMS[mode]
 
 
 def normalize_lut(mode: int, dtype: torch.dtype) -> torch.Tensor:
@@ -176,10 +185,12 @@ def normalize_lut(mode: int, dtype: torch.dtype) -> torch.Tensor:
             x = (levels * (1 / 255)).astype(np.float32)
             mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
             lut = torch.from_numpy(((x[None, :] - mean[:, None]) / std[:, None]).astype(np.float32))
+            _NORMS[mode] = (2, 1 / 255, mean.tolist(), std.tolist())
         else:
             mean = torch.tensor(CLIP_MEAN) * (1.0 / (1 / 255))
             std = torch.tensor(CLIP_STD) * (1.0 / (1 / 255))
             lut = (torch.arange(256, dtype=torch.float32)[None, :] - mean[:, None]) / std[:, None]
+            _NORMS[mode] = (1, 1.0, mean.tolist(), std.tolist())
         _LUTS[key] = lut.to(dtype).contiguous()
     return _LUTS[key]
 
@@ -310,11 +321,12 @@ def _run_torch(items: list[_Item], lut: torch.Tensor, out: torch.Tensor) -> None
         row += it.rows
 
 
-def _run_cpp(items: list[_Item], lut: torch.Tensor, out: torch.Tensor) -> None:
+def _run_cpp(items: list[_Item], lut: torch.Tensor, out: torch.Tensor, norm=None) -> None:
+    """`norm`: the table's closed form (normalize_formula) for the kernel's SIMD store; None = look up only."""
     as_bits = (lambda t: t.view(torch.int16)) if out.element_size() == 2 else (lambda t: t)
     _cpp().crop_resize_patchify([it.frames_THWC.numpy() for it in items], [it.box for it in items],
                                 [(it.out_h, it.out_w) for it in items], [it.mode for it in items],
-                                as_bits(lut).numpy(), as_bits(out).numpy())
+                                as_bits(lut).numpy(), as_bits(out).numpy(), norm)
 
 
 def _run(items: list[_Item], dtype: torch.dtype) -> torch.Tensor:
@@ -324,7 +336,7 @@ def _run(items: list[_Item], dtype: torch.dtype) -> torch.Tensor:
     lut = normalize_lut(items[0].mode, dtype).to(device)
     out = torch.empty(sum(it.rows for it in items), PATCH_DIM, dtype=dtype, device=device)
     if backend == "cpp":
-        _run_cpp(items, lut, out)
+        _run_cpp(items, lut, out, normalize_formula(items[0].mode))
     elif backend == "torch":
         _run_torch(items, lut, out)
     elif backend == "triton":
@@ -495,4 +507,4 @@ def patch_processor(processor):
 
 
 __all__ = ["preprocess_images", "preprocess_video", "preprocess_media", "patch_processor", "force_backend",
-           "select_backend", "normalize_lut", "axis_plan", "resize_torch", "patchify_torch"]
+           "select_backend", "normalize_lut", "normalize_formula", "axis_plan", "resize_torch", "patchify_torch"]

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -27,9 +28,15 @@ void check_rgb_u8(const py::array& a, const std::string& name, int ndim) {
 }
 
 // Fused crop -> resize -> normalize -> patchify of many items into one pixel_values buffer (one launch).
+// norm: optional closed form of `lut` (kind, scale, mean[3], std[3]); see vcf::NormFormula. The kernel uses it
+// only where it reproduces the table bit for bit, so a wrong formula costs speed, never exactness.
+using NormArg = std::optional<std::tuple<int, double, std::vector<double>, std::vector<double>>>;
+
+vcf::NormFormula norm_formula(const NormArg& norm);
+
 void crop_resize_patchify(const std::vector<py::array>& frames, const std::vector<std::tuple<int, int, int, int>>& boxes,
                           const std::vector<std::tuple<int, int>>& sizes, const std::vector<int>& modes,
-                          const py::array& lut, py::array& out) {
+                          const py::array& lut, py::array& out, const NormArg& norm) {
   const size_t n = frames.size();
   VCF_CHECK(boxes.size() == n && sizes.size() == n && modes.size() == n,
             "crop_resize_patchify: frames, boxes, sizes and modes must have the same length");
@@ -68,10 +75,32 @@ void crop_resize_patchify(const std::vector<py::array>& frames, const std::vecto
     rows += vcf::item_rows(it);
   }
   VCF_CHECK(out.shape(0) == rows, "out: expected " + std::to_string(rows) + " rows, got " + std::to_string(out.shape(0)));
+  const vcf::NormFormula formula = norm_formula(norm);
   const void* lut_ptr = lut.data();
   void* out_ptr = out.mutable_data();
   py::gil_scoped_release release;
-  vcf::crop_resize_patchify_cpu(items, lut_ptr, out_ptr, elem);
+  vcf::crop_resize_patchify_cpu(items, lut_ptr, out_ptr, elem, norm ? &formula : nullptr);
+}
+
+vcf::NormFormula norm_formula(const NormArg& norm) {
+  vcf::NormFormula formula;
+  if (norm) {
+    const auto& [kind, scale, mean, std] = *norm;
+    VCF_CHECK(kind == 0 || kind == 1 || kind == 2, "norm: kind must be 0, 1 or 2");
+    VCF_CHECK(mean.size() == 3 && std.size() == 3, "norm: expected (kind, scale, mean[3], std[3])");
+    formula.kind = kind;
+    formula.scale = scale;
+    for (int c = 0; c < 3; ++c) formula.mean[c] = (float)mean[c], formula.std[c] = (float)std[c];
+  }
+  return formula;
+}
+
+std::string cpu_store_kind(const py::array& lut, const NormArg& norm) {
+  VCF_CHECK((lut.itemsize() == 4 || lut.itemsize() == 2) && lut.ndim() == 2 && lut.shape(0) == 3 &&
+                lut.shape(1) == 256 && (lut.flags() & py::array::c_style),
+            "lut: expected a contiguous (3, 256) array of 4- or 2-byte elements");
+  const vcf::NormFormula formula = norm_formula(norm);
+  return vcf::cpu_store_kind(lut.data(), (int)lut.itemsize(), norm ? &formula : nullptr);
 }
 
 py::array_t<uint8_t> resize_uint8(const py::array& image, int out_h, int out_w, int mode) {
@@ -144,8 +173,10 @@ void crop_resize_patchify_cuda(const std::vector<std::tuple<intptr_t, int, int, 
 
 void register_kernels(py::module_& m) {
   m.def("crop_resize_patchify", &crop_resize_patchify, py::arg("frames"), py::arg("boxes"), py::arg("sizes"),
-        py::arg("modes"), py::arg("lut"), py::arg("out"),
-        "Fused crop -> resize -> normalize -> patchify of uint8 (T, H, W, 3) items into out (rows, 1176).");
+        py::arg("modes"), py::arg("lut"), py::arg("out"), py::arg("norm") = py::none(),
+        "Fused crop -> resize -> normalize -> patchify of uint8 (T, H, W, 3) items into out (rows, 1176). norm: "
+        "optional (kind, scale, mean[3], std[3]) closed form of lut (1: (v - mean) / std, 2: (float(v * scale) - "
+        "mean) / std, float32), used by the SIMD store only where it equals lut bit for bit.");
   m.def("resize_uint8", &resize_uint8, py::arg("image"), py::arg("out_h"), py::arg("out_w"), py::arg("mode"),
         "Resize one uint8 (H, W, 3) image with PIL (mode 0) or ATen antialiased (mode 1) bicubic arithmetic.");
   m.def("set_cpu_simd", &vcf::set_cpu_simd, py::arg("enabled"),
@@ -153,6 +184,9 @@ void register_kernels(py::module_& m) {
         "the previous setting.");
   m.def("cpu_simd_isa", []() { return std::string(vcf::cpu_simd_isa()); },
         "'avx512' or 'portable': the CPU kernel's loops the next call runs.");
+  m.def("cpu_store_kind", &cpu_store_kind, py::arg("lut"), py::arg("norm") = py::none(),
+        "'f32' / 'bf16' / 'f16' when the CPU kernel computes values with the SIMD store for this table and formula, "
+        "'table' when it looks them up.");
   m.def("resample_axis", &resample_axis, py::arg("mode"), py::arg("in_size"), py::arg("out_size"),
         "Fixed-point taps of one axis: (first, size, weights (out, taps) int32, precision).");
 #ifdef VIDEOCOM_WITH_CUDA

@@ -1,33 +1,42 @@
 // CPU fused crop -> resize -> normalize -> patchify for Qwen2.5-VL pixel_values.
 //
-// What is fused: the crop is a pointer offset (no copy); the resize runs both separable passes on one
-// merge-window row band (28 output rows) at a time in thread-local buffers that stay in L1/L2; the
-// normalisation is a 3 x 256 lookup table in the output dtype; the values are written straight into
-// merge-window order, both temporal slots of a patch at once (an image's frame is written twice, read once).
-// Bytes moved per output pixel (3 channels): read the source once (+ the vertical filter's overlap between
-// bands), write 2 * 3 * sizeof(out). The unfused processors write and re-read the resized uint8 image, a
-// float32 normalised copy (12 B/pixel), a permuted copy (12 B) and, for images, the temporal expansion
-// (24 B): about 5x the bytes, in 4 passes over memory. Measured (bench/bench_crop_resize_patchify.py, 1 thread,
-// AVX-512): 32 frames 640x360 -> 54 MB fp32 in ~16 ms of CPU (resize 10: horizontal 5.6, vertical 6; table
-// + layout 6) plus ~4 ms of first-touch page faults; before the SIMD horizontal pass and huge pages it was
-// 33 + 26 ms. The table + layout step is bound by the per-value table lookups, not by memory traffic
-// (non-temporal stores did not change it); the next gains are a register-blocked vertical pass and a
-// vectorised lookup.
-// SIMD: the horizontal pass transposes 16-row blocks in 16x16 byte tiles (SSE2) so each tap is one 16-lane
-// integer multiply-add (hand-written AVX-512 loop when the CPU has AVX-512BW, chosen at run time; else the
-// portable loop, compiled by target_clones for AVX2 / baseline; set_cpu_simd(false) forces it for tests);
-// the vertical pass is contiguous over the row and left to the compiler.
+// What is fused: the crop is a pointer offset (no copy); a task walks one temporal patch window row by window
+// row (28 output rows): the horizontal pass filters each input row once, just before the vertical pass needs
+// it (HRows), both frames' 28 resized rows go to thread-local bands that stay in L1/L2, and are normalised and
+// written straight into merge-window order, both temporal slots of a patch at once (an image's frame is
+// computed once, written twice).
+// Bytes moved per output pixel (3 channels): read the source once, write 2 * 3 * sizeof(out). The unfused
+// processors write and re-read the resized uint8 image, a float32 normalised copy (12 B/pixel), a permuted
+// copy (12 B) and, for images, the temporal expansion (24 B): about 5x the bytes, in 4 passes over memory.
+// Measured (1 thread, AVX-512 VBMI, 32 frames 640x360 -> 54 MB fp32, phase timer, into a reused buffer):
+// horizontal 4.2 ms, vertical 1.2, normalise + layout 2.5, total ~8 ms, plus ~2 ms of first-touch page
+// faults on a fresh output buffer (with huge pages). Before this loop set: 15-16 ms (horizontal 4.2 with the
+// transposing loop, vertical 4.5, table + layout 6.2). The horizontal pass is the next target: its compute
+// is ~2.9 ms with the source in cache, the rest is the cold read of the 22 MB source.
+// SIMD, chosen at run time (set_cpu_simd(false) forces the portable loops, for tests; all integer sums are
+// the libraries' own, so every path is bit-identical):
+//   horizontal  AVX-512 VBMI: per 16 output bytes, a two-source byte permute gathers each byte's taps as
+//               16-bit pairs from a 128-byte window and one vpmaddwd per tap pair adds them (hpass_rows_vbmi);
+//               for downscales beyond ~4x (wider windows) or without VBMI: 16-row blocks transposed in 16x16
+//               byte tiles, one 16-lane multiply-add per tap (AVX-512BW hand loop or the portable loop).
+//   vertical    AVX-512BW: register-blocked, 64 output bytes in registers over all taps, tap pairs through
+//               vpmaddwd (vpass_row_avx512); else the portable loop (compiler-vectorised).
+//   store       AVX-512 VBMI: values computed as (x - mean) / std in float32 from the table's closed form
+//               (NormFormula), 14-value runs permuted out of the RGB bytes and stored with masks into a
+//               merge window staged in L1, streamed out with non-temporal stores; used only when the
+//               formula reproduces all 768 table entries bit for bit, else table lookups.
 // Page faults: the output buffer's interior is madvise(MADV_HUGEPAGE)d before it is first written (see
-// advise_huge_pages): a fresh 54 MB buffer costs ~26 ms of faults with 4 KiB pages on this VM, ~4 ms with 2 MiB.
+// advise_huge_pages): a fresh 54 MB buffer costs ~26 ms of faults with 4 KiB pages on this VM, ~2-4 ms with 2 MiB.
 // Exactness: the arithmetic is PIL's / ATen's own (csrc/include/crop_resize_patchify.h): uint8 results
 // between the two passes, integer fixed point, so outputs equal the oracles bit for bit.
 // Parallelism: OpenMP over tasks (item, temporal patch, window rows), dynamic schedule; a task is a whole
 // temporal slice when there are enough of them (videos), else one 28-row window row (a few images). Threads
 // come from omp_get_max_threads() (torch.set_num_threads sets it too). On a machine loaded beyond its core
-// count, libgomp's spin-waiting threads make 2 threads slower than 1 for the small image batches.
+// count, libgomp's spin-waiting threads make 2 threads slower than 1.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -42,6 +51,13 @@
 #endif
 
 #include "crop_resize_patchify.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 conversion intrinsics start from _mm512_undefined_*(): a known false "may be used
+// uninitialized" under -Wall.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // One binary for every x86-64: the loader picks the widest ISA this CPU has for the hot loops.
@@ -93,11 +109,24 @@ static bool have_avx512() {
 #endif
 }
 
+// Byte permutes (VBMI) for the horizontal pass and the computed normalisation store.
+static bool have_avx512_vbmi() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool ok = have_avx512() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+#else
+  return false;
+#endif
+}
+#define VCF_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi")))
+
+const char* cpu_simd_isa() { return !g_simd || !have_avx512() ? "portable" : have_avx512_vbmi() ? "avx512_vbmi" : "avx512"; }
+
 bool set_cpu_simd(bool enabled) {
   return g_simd.exchange(enabled);
 }
 
-const char* cpu_simd_isa() { return g_simd && have_avx512() ? "avx512" : "portable"; }
+
 
 // dst[c][r] = src[r][c] for a 16 x 16 byte tile; src rows by pointer (a short block repeats its last row).
 static inline void transpose16(const uint8_t* const* src, int64_t src_off, uint8_t* dst, int64_t dst_stride) {
@@ -176,9 +205,123 @@ __attribute__((target("avx512f,avx512bw"))) static void hpass_mac_avx512(const u
 }
 #endif
 
+// --- horizontal pass without transposes (AVX-512 VBMI) -------------------------------------------------------
+// For 16 consecutive output bytes (a "group": 5 1/3 pixels), every tap they read lies in a 128-byte window of the
+// input row (for downscales up to ~4x). A two-source byte permute (vpermt2b) with a zeroing mask then places, for
+// each output byte, its channel's taps 2q and 2q+1 as a zero-extended 16-bit pair in that byte's int32 lane, and
+// one vpmaddwd with per-lane weight pairs adds both taps: 3 instructions per tap pair for 16 outputs, and
+// the permute indices and weights are precomputed once per axis. Four rows share each index / weight load.
+// The same integer sums as hpass_mac (22-bit PIL weights split as in vpass_row_avx512): bit-identical.
+struct HPlan : AxisPlan {
+  bool simd = false, split = false;  // simd: every group fits its window (else the transposing loop runs)
+  int groups = 0, pairs = 0;
+  std::vector<int32_t> start;                 // window start byte of each group
+  std::vector<uint8_t> idx;                   // (groups, pairs, 64) permute indices
+  std::vector<int32_t> wlo, whi;              // (groups, pairs, 16) weight pairs (lo / hi halves when split)
+};
+
+static HPlan make_hplan(int mode, int in, int out) {
+  HPlan h;
+  static_cast<AxisPlan&>(h) = make_axis_plan(mode, in, out);
+  int32_t wmin = 0, wmax = 0;
+  for (int32_t w : h.w) wmin = std::min(wmin, w), wmax = std::max(wmax, w);
+  if (h.identity || wmin < -(1 << 26) || wmax >= (1 << 26)) return h;
+  h.split = wmin < -32768 || wmax >= 32768;
+  const int out_bytes = 3 * out;
+  h.groups = (out_bytes + 15) / 16;
+  h.pairs = (h.taps + 1) / 2;
+  h.start.resize(h.groups);
+  h.idx.assign((size_t)h.groups * h.pairs * 64, 0);
+  h.wlo.assign((size_t)h.groups * h.pairs * 16, 0);
+  h.whi.assign(h.wlo.size(), 0);
+  for (int g = 0; g < h.groups; ++g) {
+    const int ws = 3 * h.first[16 * g / 3];
+    h.start[g] = ws;
+    for (int k = 0; k < 16 && 16 * g + k < out_bytes; ++k) {
+      const int b = 16 * g + k, ox = b / 3, c = b % 3;
+      for (int j = 0; j < h.size[ox]; ++j) {
+        const int at = 3 * (h.first[ox] + j) + c - ws;
+        if (at < 0 || at >= 128) {  // window too wide (strong downscale): the transposing loop runs
+          h.idx.clear(), h.wlo.clear(), h.whi.clear();
+          return h;
+        }
+        const size_t q = (size_t)g * h.pairs + j / 2;
+        h.idx[q * 64 + 4 * k + 2 * (j % 2)] = (uint8_t)at;
+        const int32_t w = h.w[(size_t)ox * h.taps + j];
+        const int32_t lo = h.split ? (w & 0x7FF) : w, hi = w >> 11;
+        h.wlo[q * 16 + k] |= (int32_t)((uint32_t)(uint16_t)lo << (16 * (j % 2)));
+        h.whi[q * 16 + k] |= (int32_t)((uint32_t)(uint16_t)hi << (16 * (j % 2)));
+      }
+    }
+  }
+  h.simd = true;
+  return h;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+template <bool kSplit>
+VCF_VBMI static void hpass_rows_vbmi(const uint8_t* src, int64_t stride, int nrows, const HPlan& p, uint8_t* dst,
+                                     int64_t dst_stride) {
+  constexpr int kR = 4;
+  const int in_bytes = 3 * p.in, out_bytes = 3 * p.out;
+  const __m512i half = _mm512_set1_epi32(fixed_half(p.precision)), zero = _mm512_setzero_si512();
+  const __m128i shift = _mm_cvtsi32_si128(p.precision);
+  const __mmask64 pairs16 = 0x5555555555555555ULL;  // bytes 0 and 2 of each int32 lane: two zero-extended words
+  for (int r0 = 0; r0 < nrows; r0 += kR) {
+    const int m = std::min(kR, nrows - r0);
+    const uint8_t* rows[kR];
+    for (int k = 0; k < kR; ++k) rows[k] = src + (int64_t)(r0 + std::min(k, m - 1)) * stride;
+    for (int g = 0; g < p.groups; ++g) {
+      const int ws = p.start[g], avail = in_bytes - ws;
+      const __mmask64 m0 = avail >= 64 ? ~0ULL : (1ULL << avail) - 1;
+      const __mmask64 m1 = avail >= 128 ? ~0ULL : avail > 64 ? (1ULL << (avail - 64)) - 1 : 0;
+      __m512i lo[kR], hi[kR], acc[kR], acch[kR];
+      for (int k = 0; k < kR; ++k) {
+        if (avail >= 128) {  // plain loads where possible: masked loads that miss the cache are slow on AMD
+          _mm_prefetch((const char*)rows[k] + ws + 384, _MM_HINT_T0);
+          lo[k] = _mm512_loadu_si512(rows[k] + ws);
+          hi[k] = _mm512_loadu_si512(rows[k] + ws + 64);
+        } else {
+          lo[k] = _mm512_maskz_loadu_epi8(m0, rows[k] + ws);
+          hi[k] = _mm512_maskz_loadu_epi8(m1, rows[k] + ws + 64);
+        }
+        acc[k] = half;
+        acch[k] = zero;
+      }
+      const size_t q0 = (size_t)g * p.pairs;
+      for (int q = 0; q < p.pairs; ++q) {
+        const __m512i idx = _mm512_loadu_si512(p.idx.data() + (q0 + q) * 64);
+        const __m512i wl = _mm512_loadu_si512(p.wlo.data() + (q0 + q) * 16);
+        const __m512i wh = kSplit ? _mm512_loadu_si512(p.whi.data() + (q0 + q) * 16) : zero;
+        for (int k = 0; k < kR; ++k) {
+          const __m512i v = _mm512_maskz_permutex2var_epi8(pairs16, lo[k], idx, hi[k]);
+          acc[k] = _mm512_add_epi32(acc[k], _mm512_madd_epi16(v, wl));
+          if (kSplit) acch[k] = _mm512_add_epi32(acch[k], _mm512_madd_epi16(v, wh));
+        }
+      }
+      const int nb = std::min(16, out_bytes - 16 * g);
+      const __mmask16 sm = (__mmask16)((1u << nb) - 1);
+      for (int k = 0; k < m; ++k) {
+        __m512i a = kSplit ? _mm512_add_epi32(acc[k], _mm512_slli_epi32(acch[k], 11)) : acc[k];
+        a = _mm512_max_epi32(_mm512_sra_epi32(a, shift), zero);  // floor, clamp below; saturation clamps above
+        // register-form narrowing + masked store: the memory form of vpmovusdb is microcoded (slow) on AMD
+        _mm_mask_storeu_epi8(dst + (int64_t)(r0 + k) * dst_stride + 16 * g, sm, _mm512_cvtusepi32_epi8(a));
+      }
+    }
+  }
+}
+#endif
+
 // rows [0, nrows) of `src` (row stride in bytes, in RGB pixels each) -> dst rows (out pixels each).
-static void hpass_rows(const uint8_t* src, int64_t stride, int nrows, const AxisPlan& p, uint8_t* dst,
+static void hpass_rows(const uint8_t* src, int64_t stride, int nrows, const HPlan& p, uint8_t* dst,
                        int64_t dst_stride, std::vector<uint8_t>& tin, std::vector<uint8_t>& tout) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (p.simd && g_simd && have_avx512_vbmi()) {
+    if (p.split) hpass_rows_vbmi<true>(src, stride, nrows, p, dst, dst_stride);
+    else hpass_rows_vbmi<false>(src, stride, nrows, p, dst, dst_stride);
+    return;
+  }
+#endif
   const int in_bytes = 3 * p.in, out_bytes = 3 * p.out;
   tin.resize((size_t)in_bytes * kRows);
   tout.resize((size_t)out_bytes * kRows);
@@ -234,10 +377,100 @@ VCF_CLONES static void vpass_row(const uint8_t* rows, int64_t stride, const int3
   for (int i = 0; i < width; ++i) dst[i] = clip8(acc[i], precision);
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+// Same pass by hand, register-blocked: 64 output bytes stay in four int32 accumulators over all taps, and taps
+// go in pairs through one 16-bit multiply-add (vpmaddwd: v_j * w_j + v_j+1 * w_j+1 per int32 lane), the
+// arithmetic ATen's own uint8 kernel uses. Bytes of rows j, j+1 are interleaved then zero-extended to 16-bit
+// pairs; the pack-back (packs_epi32, packus_epi16) undoes that lane order and clamps to 0..255 like clip8.
+// Weights wider than 16 bits (PIL's 22-bit precision) are split w = hi * 2^11 + lo with 0 <= lo < 2^11, two
+// multiply-adds, recombined exactly as (sum v * hi) * 2^11 + sum v * lo. Integer sums, same values: bit-identical.
+template <bool kSplit>
+__attribute__((target("avx512f,avx512bw"))) static void vpass_row_avx512(const uint8_t* rows, int64_t stride,
+                                                                         const int32_t* w, int n, int width,
+                                                                         int precision, uint8_t* dst) {
+  constexpr int kMaxPairs = 128;
+  int32_t lo_pair[kMaxPairs], hi_pair[kMaxPairs];
+  const int pairs = (n + 1) / 2;
+  for (int q = 0; q < pairs; ++q) {
+    const int32_t w0 = w[2 * q], w1 = 2 * q + 1 < n ? w[2 * q + 1] : 0;
+    const int32_t l0 = kSplit ? (w0 & 0x7FF) : w0, l1 = kSplit ? (w1 & 0x7FF) : w1;
+    lo_pair[q] = (int32_t)((uint32_t)(uint16_t)l0 | ((uint32_t)(uint16_t)l1 << 16));
+    if (kSplit) hi_pair[q] = (int32_t)((uint32_t)(uint16_t)(w0 >> 11) | ((uint32_t)(uint16_t)(w1 >> 11) << 16));
+  }
+  const __m512i half = _mm512_set1_epi32(fixed_half(precision)), zero = _mm512_setzero_si512();
+  const __m128i shift = _mm_cvtsi32_si128(precision);
+  for (int i = 0; i < width; i += 64) {
+    const __mmask64 mask = width - i >= 64 ? ~0ULL : (1ULL << (width - i)) - 1;
+    __m512i a0 = half, a1 = half, a2 = half, a3 = half, h0 = zero, h1 = zero, h2 = zero, h3 = zero;
+    const uint8_t* r = rows + i;
+    for (int q = 0; q < pairs; ++q, r += 2 * stride) {
+      const __m512i x = _mm512_maskz_loadu_epi8(mask, r);
+      const __m512i y = 2 * q + 1 < n ? _mm512_maskz_loadu_epi8(mask, r + stride) : zero;
+      const __m512i xy_lo = _mm512_unpacklo_epi8(x, y), xy_hi = _mm512_unpackhi_epi8(x, y);
+      const __m512i p0 = _mm512_unpacklo_epi8(xy_lo, zero), p1 = _mm512_unpackhi_epi8(xy_lo, zero);
+      const __m512i p2 = _mm512_unpacklo_epi8(xy_hi, zero), p3 = _mm512_unpackhi_epi8(xy_hi, zero);
+      const __m512i wl = _mm512_set1_epi32(lo_pair[q]);
+      a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(p0, wl));
+      a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(p1, wl));
+      a2 = _mm512_add_epi32(a2, _mm512_madd_epi16(p2, wl));
+      a3 = _mm512_add_epi32(a3, _mm512_madd_epi16(p3, wl));
+      if (kSplit) {
+        const __m512i wh = _mm512_set1_epi32(hi_pair[q]);
+        h0 = _mm512_add_epi32(h0, _mm512_madd_epi16(p0, wh));
+        h1 = _mm512_add_epi32(h1, _mm512_madd_epi16(p1, wh));
+        h2 = _mm512_add_epi32(h2, _mm512_madd_epi16(p2, wh));
+        h3 = _mm512_add_epi32(h3, _mm512_madd_epi16(p3, wh));
+      }
+    }
+    if (kSplit) {
+      a0 = _mm512_add_epi32(a0, _mm512_slli_epi32(h0, 11));
+      a1 = _mm512_add_epi32(a1, _mm512_slli_epi32(h1, 11));
+      a2 = _mm512_add_epi32(a2, _mm512_slli_epi32(h2, 11));
+      a3 = _mm512_add_epi32(a3, _mm512_slli_epi32(h3, 11));
+    }
+    a0 = _mm512_sra_epi32(a0, shift), a1 = _mm512_sra_epi32(a1, shift);
+    a2 = _mm512_sra_epi32(a2, shift), a3 = _mm512_sra_epi32(a3, shift);
+    const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(a0, a1), _mm512_packs_epi32(a2, a3));
+    _mm512_mask_storeu_epi8(dst + i, mask, bytes);
+  }
+}
+#endif
+
+// One output row of the vertical pass: the hand loop when allowed (AVX-512BW, taps fit its pair table),
+// else the portable one.
+static void vpass(const uint8_t* rows, int64_t stride, const int32_t* w, int n, int width, int precision,
+                  std::vector<int32_t>& acc, uint8_t* dst) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (g_simd && have_avx512() && n <= 256) {
+    int32_t wmin = 0, wmax = 0;
+    for (int j = 0; j < n; ++j) wmin = std::min(wmin, w[j]), wmax = std::max(wmax, w[j]);
+    if (wmin >= -32768 && wmax < 32768) {  // ATen's int16 weights
+      vpass_row_avx512<false>(rows, stride, w, n, width, precision, dst);
+      return;
+    }
+    if (wmin >= -(1 << 26) && wmax < (1 << 26)) {  // PIL's 22-bit weights: hi = w >> 11 fits int16
+      vpass_row_avx512<true>(rows, stride, w, n, width, precision, dst);
+      return;
+    }
+  }
+#endif
+  acc.resize(width);
+  vpass_row(rows, stride, w, n, width, precision, acc.data(), dst);
+}
+
 namespace {
+
+// Horizontal-pass rows of one frame kept across the window rows of a task: each input row is filtered once
+// (bands overlap by the vertical filter's reach), just before the vertical pass reads it (cache-warm).
+struct HRows {
+  const MediaItem* item = nullptr;
+  int frame = -1, lo = 0, hi = 0;  // rows [lo, hi) are in `rows`, row r at (r - lo) * width
+  std::vector<uint8_t> rows;
+};
 
 struct Scratch {
   std::vector<uint8_t> hrows, band[2], tin, tout;
+  HRows hcache[2];  // one per temporal slot
   std::vector<int32_t> acc;
   std::vector<uint32_t> planes32;  // normalised window row, channel-planar (float32 bits)
   std::vector<uint16_t> planes16;  // same for bf16 / fp16
@@ -248,18 +481,17 @@ struct Scratch {
 };
 
 // Resized rows [y0, y0 + n) of one frame into `band` (n x out_w x 3), passes in the library's order.
-void resize_band(const MediaItem& it, const AxisPlan& ph, const AxisPlan& pv, int frame, int y0, int n,
-                 Scratch& s, uint8_t* band) {
+void resize_band(const MediaItem& it, const HPlan& ph, const AxisPlan& pv, int frame, int y0, int n,
+                 Scratch& s, int slot, uint8_t* band) {
   const uint8_t* src = it.src + (int64_t)frame * it.frame_stride;
   const int width = it.out_w * 3;
   if (!pv.identity && !ph.identity && vertical_first(it.mode, it.in_h, it.in_w, it.out_h, it.out_w)) {
     // vertical pass over the full input width for the band's n rows, then each row horizontally
     const int in_width = it.in_w * 3;
     s.hrows.resize((size_t)n * in_width);
-    s.acc.resize(in_width);
     for (int y = y0; y < y0 + n; ++y)
-      vpass_row(src + (int64_t)pv.first[y] * it.row_stride, it.row_stride, &pv.w[(size_t)y * pv.taps],
-                pv.size[y], in_width, pv.precision, s.acc.data(), &s.hrows[(size_t)(y - y0) * in_width]);
+      vpass(src + (int64_t)pv.first[y] * it.row_stride, it.row_stride, &pv.w[(size_t)y * pv.taps], pv.size[y],
+            in_width, pv.precision, s.acc, &s.hrows[(size_t)(y - y0) * in_width]);
     hpass_rows(s.hrows.data(), in_width, n, ph, band, width, s.tin, s.tout);
     return;
   }
@@ -276,19 +508,26 @@ void resize_band(const MediaItem& it, const AxisPlan& ph, const AxisPlan& pv, in
     hbase = src + (int64_t)lo * it.row_stride;
     hstride = it.row_stride;
   } else {
-    s.hrows.resize((size_t)(hi - lo) * width);
-    hpass_rows(src + (int64_t)lo * it.row_stride, it.row_stride, hi - lo, ph, s.hrows.data(), width, s.tin, s.tout);
-    hbase = s.hrows.data();
+    HRows& h = s.hcache[slot];
+    if (h.item != &it || h.frame != frame || lo < h.lo || lo > h.hi) {  // another frame, or not the next band
+      h.item = &it, h.frame = frame, h.lo = h.hi = lo;
+      if (h.rows.size() < (size_t)(it.in_h - lo) * width) h.rows.resize((size_t)(it.in_h - lo) * width);
+    }
+    if (hi > h.hi) {
+      hpass_rows(src + (int64_t)h.hi * it.row_stride, it.row_stride, hi - h.hi, ph,
+                 h.rows.data() + (size_t)(h.hi - h.lo) * width, width, s.tin, s.tout);
+      h.hi = hi;
+    }
+    hbase = h.rows.data() + (size_t)(lo - h.lo) * width;
     hstride = width;
   }
   if (pv.identity) {
     for (int y = 0; y < n; ++y) std::memcpy(band + (size_t)y * width, hbase + (int64_t)y * hstride, width);
     return;
   }
-  s.acc.resize(width);
   for (int y = y0; y < y0 + n; ++y)
-    vpass_row(hbase + (int64_t)(pv.first[y] - lo) * hstride, hstride, &pv.w[(size_t)y * pv.taps], pv.size[y],
-              width, pv.precision, s.acc.data(), band + (size_t)(y - y0) * width);
+    vpass(hbase + (int64_t)(pv.first[y] - lo) * hstride, hstride, &pv.w[(size_t)y * pv.taps], pv.size[y], width,
+          pv.precision, s.acc, band + (size_t)(y - y0) * width);
 }
 
 // Normalise one window row (28 resized rows) of both temporal slots into channel-planar tables (one
@@ -326,14 +565,154 @@ void write_window_row(const uint8_t* band0, const uint8_t* band1, int out_w, int
       }
 }
 
+// --- the same step computed instead of looked up (AVX-512 VBMI) -----------------------------------------------
+// Each 14-value run of a patch row is one channel of 14 consecutive pixels: one masked 42-byte load holds all
+// three channels, one byte permute per channel spreads that channel's 14 bytes into zero-extended int32 lanes,
+// then float32 convert / subtract / divide (the processors' own operations, in their order) and one masked
+// store of 14 values straight into the patch row. ~19 instructions per 42 values instead of ~4 per value, and
+// no channel-planar staging copy. Used only when NormFormula reproduces the lookup table (checked per call).
+enum StoreKind : int { kStoreTable = 0, kStoreF32 = 1, kStoreBf16 = 2, kStoreF16 = 3 };
+
+#if defined(__GNUC__) && defined(__x86_64__)
+
+struct NormVec {
+  __m512 mean[3], std[3];
+  __m512d scale;
+  int kind;
+};
+
+VCF_VBMI static inline NormVec norm_vec(const NormFormula& f) {
+  NormVec n;
+  for (int c = 0; c < 3; ++c) {
+    n.mean[c] = _mm512_set1_ps(f.mean[c]);
+    n.std[c] = _mm512_set1_ps(f.std[c]);
+  }
+  n.scale = _mm512_set1_pd(f.scale);
+  n.kind = f.kind;
+  return n;
+}
+
+// 16 uint8 levels (zero-extended int32 lanes) of channel c -> normalised float32, the formula's exact ops.
+VCF_VBMI static inline __m512 normalize16(__m512i v, int c, const NormVec& n) {
+  __m512 x;
+  if (n.kind == 1) {
+    x = _mm512_cvtepi32_ps(v);  // exact: levels are small integers
+  } else {
+    const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(v)), n.scale));
+    const __m256 hi = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(v, 1)), n.scale));
+    x = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+  }
+  return _mm512_div_ps(_mm512_sub_ps(x, n.mean[c]), n.std[c]);
+}
+
+// float32 -> bf16 rounded to nearest even (torch's .to(bfloat16) for finite values) / fp16 (F16C rounding).
+template <int K>
+VCF_VBMI static inline void store14(void* dst, __m512 y) {
+  if constexpr (K == kStoreF32) {
+    _mm512_mask_storeu_ps(dst, 0x3FFF, y);
+  } else if constexpr (K == kStoreBf16) {
+    const __m512i b = _mm512_castps_si512(y);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    _mm256_mask_storeu_epi16(dst, 0x3FFF, _mm512_cvtepi32_epi16(r));
+  } else {
+    _mm256_mask_storeu_epi16(dst, 0x3FFF, _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// Byte permutes that put channel c of 14 RGB pixels into byte 0 of int32 lanes 0..13 (other bytes zeroed by
+// the mask).
+VCF_VBMI static inline __m512i channel_index(int c) {
+  alignas(64) uint8_t idx[64] = {};
+  for (int k = 0; k < 16; ++k) idx[4 * k] = (uint8_t)(c + 3 * std::min(k, kPatch - 1));
+  return _mm512_load_si512(idx);
+}
+constexpr __mmask64 kLane0Bytes = 0x1111111111111111ULL;
+
+template <int K>
+VCF_VBMI static void write_window_row_vbmi(const uint8_t* band0, const uint8_t* band1, int out_w, int wy,
+                                           const NormVec& n, void* out_v) {
+  using T = std::conditional_t<K == kStoreF32, uint32_t, uint16_t>;
+  T* out = static_cast<T*>(out_v);
+  const int gw = out_w / kPatch;
+  const size_t width = (size_t)3 * out_w;
+  const __mmask64 pixels14 = (1ULL << (3 * kPatch)) - 1;  // 42 bytes: never reads past the row
+  const __m512i perm[3] = {channel_index(0), channel_index(1), channel_index(2)};
+  const bool image = band1 == band0;  // one frame fills both temporal slots: compute once, store twice
+  // A merge window's 4 patch rows are contiguous in the output (4 x 1176 values, a whole number of cache lines):
+  // build them in L1, then stream them out with non-temporal stores, which skip the read-for-ownership of
+  // output lines that ordinary stores pay (the output is far larger than the caches and not re-read here).
+  constexpr int kWinVals = kMerge * kMerge * kPatchDim;
+  alignas(64) T stage[kWinVals];
+  constexpr int kLines = (int)(kWinVals * sizeof(T) / 64);
+  static_assert(kWinVals * sizeof(T) % 64 == 0, "window rows are whole cache lines");
+  for (int wx = 0; wx < gw / kMerge; ++wx) {
+    T* win = out + patch_row(wy, wx, 0, 0, gw) * kPatchDim;
+    for (int my = 0; my < kMerge; ++my)
+      for (int mx = 0; mx < kMerge; ++mx) {
+        T* row = stage + (my * kMerge + mx) * kPatchDim;
+        const size_t x0 = (size_t)3 * (wx * kWindow + mx * kPatch) + (size_t)my * kPatch * width;
+        for (int t = 0; t < (image ? 1 : kTemporal); ++t) {
+          const uint8_t* b = (t ? band1 : band0) + x0;
+          for (int y = 0; y < kPatch; ++y) {
+            const __m512i v = _mm512_maskz_loadu_epi8(pixels14, b + y * width);
+            for (int c = 0; c < 3; ++c) {
+              const __m512 r = normalize16(_mm512_maskz_permutexvar_epi8(kLane0Bytes, perm[c], v), c, n);
+              store14<K>(row + patch_col(c, t, y, 0), r);
+              if (image) store14<K>(row + patch_col(c, 1, y, 0), r);
+            }
+          }
+        }
+      }
+    if (((uintptr_t)win & 63) == 0) {
+      for (int l = 0; l < kLines; ++l)
+        _mm512_stream_si512((__m512i*)win + l, _mm512_load_si512((const __m512i*)stage + l));
+    } else {
+      std::memcpy(win, stage, sizeof(stage));
+    }
+  }
+  _mm_sfence();  // streamed stores are weakly ordered: make them visible before the task ends
+}
+
+// Which store the formula supports for this table: all 768 levels through the SIMD code, compared bit for bit.
+template <int K>
+VCF_VBMI static bool formula_matches(const NormFormula& f, const void* lut) {
+  using T = std::conditional_t<K == kStoreF32, uint32_t, uint16_t>;
+  const NormVec n = norm_vec(f);
+  alignas(64) T got[16];
+  for (int c = 0; c < 3; ++c)
+    for (int v0 = 0; v0 < 256; v0 += 16) {
+      const __m512i v = _mm512_add_epi32(_mm512_set1_epi32(v0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                                                   11, 12, 13, 14, 15));
+      store14<K>(got, normalize16(v, c, n));
+      store14<K>(got + 2, normalize16(_mm512_add_epi32(v, _mm512_set1_epi32(2)), c, n));  // lanes 14, 15
+      if (std::memcmp(got, static_cast<const T*>(lut) + c * 256 + v0, sizeof(got)) != 0) return false;
+    }
+  return true;
+}
+#endif
+
+static int choose_store(const void* lut, int elem_size, const NormFormula* f) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (f == nullptr || (f->kind != 1 && f->kind != 2) || !g_simd || !have_avx512_vbmi()) return kStoreTable;
+  if (elem_size == 4) return formula_matches<kStoreF32>(*f, lut) ? kStoreF32 : kStoreTable;
+  if (formula_matches<kStoreBf16>(*f, lut)) return kStoreBf16;
+  if (formula_matches<kStoreF16>(*f, lut)) return kStoreF16;
+#else
+  (void)lut, (void)elem_size, (void)f;
+#endif
+  return kStoreTable;
+}
+
 template <typename T>
-void run(const std::vector<MediaItem>& items, const T* lut, T* out) {
-  std::vector<AxisPlan> ph(items.size()), pv(items.size());
+void run(const std::vector<MediaItem>& items, const T* lut, T* out, int store, const NormFormula* formula) {
+  std::vector<HPlan> ph(items.size());
+  std::vector<AxisPlan> pv(items.size());
   int64_t num_slices = 0;  // (item, temporal patch) pairs
   bool all_videos = true;
   for (size_t i = 0; i < items.size(); ++i) {
     all_videos = all_videos && items[i].num_frames > 1;
-    ph[i] = make_axis_plan(items[i].mode, items[i].in_w, items[i].out_w);
+    ph[i] = make_hplan(items[i].mode, items[i].in_w, items[i].out_w);
     pv[i] = make_axis_plan(items[i].mode, items[i].in_h, items[i].out_h);
     num_slices += (items[i].num_frames + kTemporal - 1) / kTemporal;
   }
@@ -357,6 +736,12 @@ void run(const std::vector<MediaItem>& items, const T* lut, T* out) {
     }
   }
   const int64_t num_tasks = (int64_t)tasks.size();
+#if defined(__GNUC__) && defined(__x86_64__)
+  NormVec norm;
+  if (store != kStoreTable) norm = norm_vec(*formula);
+#else
+  (void)formula;
+#endif
 #pragma omp parallel
   {
     Scratch s;
@@ -364,22 +749,28 @@ void run(const std::vector<MediaItem>& items, const T* lut, T* out) {
     for (int64_t k = 0; k < num_tasks; ++k) {
       const Task& task = tasks[k];
       const MediaItem& it = items[task.item];
-      const int width = it.out_w * 3, y0 = task.wy0 * kWindow, n = (task.wy1 - task.wy0) * kWindow;
+      const int width = it.out_w * 3;
       const int gh = it.out_h / kPatch, gw = it.out_w / kPatch;
-      s.band[0].resize((size_t)n * width);
-      s.band[1].resize((size_t)n * width);
+      s.band[0].resize((size_t)kWindow * width);
+      s.band[1].resize((size_t)kWindow * width);
       const int f0 = source_frame(task.p, 0, it.num_frames), f1 = source_frame(task.p, 1, it.num_frames);
-      resize_band(it, ph[task.item], pv[task.item], f0, y0, n, s, s.band[0].data());
-      const uint8_t* b1 = s.band[0].data();
-      if (f1 != f0) {
-        resize_band(it, ph[task.item], pv[task.item], f1, y0, n, s, s.band[1].data());
-        b1 = s.band[1].data();
-      }
       T* slice = out + (it.row_offset + (int64_t)task.p * gh * gw) * kPatchDim;
+      // window row by window row: resize both frames' 28 rows, then write them while they are in L1/L2
       for (int wy = task.wy0; wy < task.wy1; ++wy) {
-        const size_t at = (size_t)(wy - task.wy0) * kWindow * width;
-        const uint8_t* w1 = b1 == s.band[0].data() ? s.band[0].data() + at : b1 + at;
-        write_window_row<T>(s.band[0].data() + at, w1, it.out_w, wy, lut, slice, s.planes<T>());
+        const uint8_t* w0 = s.band[0].data();
+        const uint8_t* w1 = w0;
+        resize_band(it, ph[task.item], pv[task.item], f0, wy * kWindow, kWindow, s, 0, s.band[0].data());
+        if (f1 != f0) {
+          resize_band(it, ph[task.item], pv[task.item], f1, wy * kWindow, kWindow, s, 1, s.band[1].data());
+          w1 = s.band[1].data();
+        }
+#if defined(__GNUC__) && defined(__x86_64__)
+        if (store == kStoreF32) write_window_row_vbmi<kStoreF32>(w0, w1, it.out_w, wy, norm, slice);
+        else if (store == kStoreBf16) write_window_row_vbmi<kStoreBf16>(w0, w1, it.out_w, wy, norm, slice);
+        else if (store == kStoreF16) write_window_row_vbmi<kStoreF16>(w0, w1, it.out_w, wy, norm, slice);
+        else
+#endif
+          write_window_row<T>(w0, w1, it.out_w, wy, lut, slice, s.planes<T>());
       }
     }
   }
@@ -402,14 +793,21 @@ static void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
-void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* lut, void* out, int elem_size) {
+void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* lut, void* out, int elem_size,
+                              const NormFormula* formula) {
   int64_t rows = 0;
   for (const MediaItem& it : items) rows += item_rows(it);
   advise_huge_pages(out, (size_t)rows * kPatchDim * elem_size);
-  if (elem_size == 4)
-    run<uint32_t>(items, static_cast<const uint32_t*>(lut), static_cast<uint32_t*>(out));  // float32 bits
-  else
-    run<uint16_t>(items, static_cast<const uint16_t*>(lut), static_cast<uint16_t*>(out));  // bf16 / fp16 bits
+  const int store = choose_store(lut, elem_size, formula);
+  if (elem_size == 4)  // float32 bits
+    run<uint32_t>(items, static_cast<const uint32_t*>(lut), static_cast<uint32_t*>(out), store, formula);
+  else  // bf16 / fp16 bits
+    run<uint16_t>(items, static_cast<const uint16_t*>(lut), static_cast<uint16_t*>(out), store, formula);
+}
+
+const char* cpu_store_kind(const void* lut, int elem_size, const NormFormula* formula) {
+  static const char* const names[] = {"table", "f32", "bf16", "f16"};
+  return names[choose_store(lut, elem_size, formula)];
 }
 
 void resize_uint8_cpu(const uint8_t* src, int64_t row_stride, int in_h, int in_w, int out_h, int out_w,
@@ -422,9 +820,10 @@ void resize_uint8_cpu(const uint8_t* src, int64_t row_stride, int in_h, int in_w
   it.out_h = out_h;
   it.out_w = out_w;
   it.mode = mode;
-  AxisPlan ph = make_axis_plan(mode, in_w, out_w), pv = make_axis_plan(mode, in_h, out_h);
+  HPlan ph = make_hplan(mode, in_w, out_w);
+  AxisPlan pv = make_axis_plan(mode, in_h, out_h);
   Scratch s;
-  resize_band(it, ph, pv, 0, 0, out_h, s, dst);
+  resize_band(it, ph, pv, 0, 0, out_h, s, 0, dst);
 }
 
 }  // namespace vcf

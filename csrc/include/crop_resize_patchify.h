@@ -172,14 +172,30 @@ inline int64_t item_rows(const MediaItem& it) {
   return (int64_t)((it.num_frames + kTemporal - 1) / kTemporal) * (it.out_h / kPatch) * (it.out_w / kPatch);
 }
 
+// Optional closed form of the lookup table, so SIMD loops can compute 16 values at once instead of looking
+// each one up. The table stays the reference: the kernel recomputes all 768 entries with its SIMD code and
+// uses the formula only if every one equals the table bit for bit (float32, or bf16 / fp16 rounded to nearest
+// even), else it looks up. kind 0: none; float32 arithmetic in this order (no fused multiply-add):
+//   kind 1: (float(v) - mean[c]) / std[c]                   torchvision processors (rescale folded into mean/std)
+//   kind 2: (float(double(v) * scale) - mean[c]) / std[c]   PIL processor (rescale in double, then normalize)
+struct NormFormula {
+  int kind = 0;
+  double scale = 1.0;
+  float mean[3] = {0.f, 0.f, 0.f}, std[3] = {1.f, 1.f, 1.f};
+};
+
 // lut: 3 x 256 output values (the normalised value of each uint8 level per channel) in the output element
 // type; out: rows x 1176 of that type; elem_size 4 (float32) or 2 (bf16 / fp16 bit patterns).
-void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* lut, void* out, int elem_size);
+void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* lut, void* out, int elem_size,
+                              const NormFormula* formula = nullptr);
 
-// Hand-written AVX-512 loops on (default, when the CPU has AVX-512BW) or off (the portable loops, which the
+// Hand-written AVX-512 loops on (default, when the CPU has AVX-512BW; the formula store also needs VBMI) or off (the portable loops, which the
 // compiler vectorises for AVX2 / baseline): returns the previous setting. Tests run both; outputs are equal.
 bool set_cpu_simd(bool enabled);
-const char* cpu_simd_isa();  // "avx512" or "portable": what the next call will run
+const char* cpu_simd_isa();  // "avx512_vbmi", "avx512" or "portable": what the next call will run
+// How the next call would store values for this table and formula: "f32" / "bf16" / "f16" (computed, SIMD) or
+// "table" (looked up: no formula, no VBMI, SIMD off, or the formula does not reproduce the table).
+const char* cpu_store_kind(const void* lut, int elem_size, const NormFormula* formula);
 
 // The resize alone (tests, diagnostics): (in_h, in_w, 3) uint8 with a row stride in bytes -> (out_h, out_w, 3).
 void resize_uint8_cpu(const uint8_t* src, int64_t row_stride, int in_h, int in_w, int out_h, int out_w,
