@@ -7,6 +7,7 @@ namespace py = pybind11;
 void register_protocol(py::module_& m);   // csrc/protocol/bind_protocol.cpp
 void register_scheduler(py::module_& m);  // csrc/scheduler/bind_scheduler.cpp
 void register_kernels(py::module_& m);    // csrc/cpu/bind_kernels.cpp
+void register_attention(py::module_& m);  // csrc/cpu/paged_attention.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "videocom_fast C++ core: protocol, rollout scheduler, CPU kernels (torch-free)";
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_C, m) {
   register_protocol(m);
   register_scheduler(m);
   register_kernels(m);
+  register_attention(m);
 }

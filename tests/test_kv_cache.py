@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from videocom_fast.rollout.attention import PagedBatch, paged_attention
+from videocom_fast.rollout.attention import PagedBatch, cpp_available, paged_attention
 from videocom_fast.rollout.kv_cache import PagedKVPool, StepCache
 
 
@@ -44,15 +44,24 @@ def test_pool_write_gather_roundtrip_and_copy_rows():
         PagedKVPool(1, 0, 4, 1, 1)
 
 
-@pytest.mark.parametrize("bs,Hq,Hkv", [(4, 4, 2), (16, 2, 2), (3, 6, 1)])
-def test_paged_attention_equals_causal_attention(bs, Hq, Hkv):
-    """Several sequences, each at a different stage (prefill from 0, a later chunk, a decode), one call."""
-    torch.manual_seed(bs)
-    D, scale = 8, 8 ** -0.5
-    lens = [23, 1, 17, 40, 9]            # total rows of each sequence
-    starts = [0, 0, 11, 39, 8]           # rows already in the KV before this step (39, 8: decodes)
-    pool = PagedKVPool(1, 64, bs, Hkv, D, dtype=torch.float64)
-    free = list(range(64))
+_CASES = [(4, 4, 2, 8), (16, 2, 2, 32), (3, 6, 1, 24), (5, 4, 1, 64), (16, 28, 4, 128)]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bs,Hq,Hkv,D", _CASES)
+def test_paged_attention_equals_causal_attention(bs, Hq, Hkv, D, dtype, backend):
+    """Several sequences, each at a different stage (prefill from 0, a later chunk, a decode), one call.
+    Under "cpp", chunks of <= CPP_MAX_QUERY_ROWS rows run the C++ kernel (decodes, the 6- and 12-row
+    chunks: one and two row tiles) and the longer ones SDPA, so both paths meet in one output."""
+    if backend == "cpp" and not cpp_available("cpu", dtype):
+        pytest.skip("videocom_fast._C not built")
+    torch.manual_seed(bs * D)
+    scale = D ** -0.5
+    lens = [23, 1, 17, 40, 9, 30, 70]    # total rows of each sequence
+    starts = [0, 0, 11, 39, 8, 18, 69]   # rows already in the KV before this step (39, 8, 69: decodes)
+    pool = PagedKVPool(1, 96, bs, Hkv, D, dtype=dtype)
+    free = list(range(96))
     random.Random(bs).shuffle(free)
     tables, q_all, k_all, v_all = [], [], [], []
     for n in lens:
@@ -60,6 +69,8 @@ def test_paged_attention_equals_causal_attention(bs, Hq, Hkv):
         q_all.append(torch.randn(Hq, n, D, dtype=torch.float64))
         k_all.append(torch.randn(Hkv, n, D, dtype=torch.float64))
         v_all.append(torch.randn(Hkv, n, D, dtype=torch.float64))
+    want_all = [_reference(q, k, v, scale) for q, k, v in zip(q_all, k_all, v_all)]
+    q_all, k_all, v_all = ([t.to(dtype) for t in ts] for ts in (q_all, k_all, v_all))
     for t, s, k, v in zip(tables, starts, k_all, v_all):   # earlier steps: rows [0, start)
         if s:
             pool.write(0, pool.slots(t, 0, s), k[:, :s].transpose(0, 1), v[:, :s].transpose(0, 1))
@@ -71,12 +82,57 @@ def test_paged_attention_equals_causal_attention(bs, Hq, Hkv):
     StepCache(pool, slots).update(k, v, 0)
     q_lens = [n - s for n, s in zip(lens, starts)]
     q_starts = [sum(q_lens[:i]) for i in range(len(lens))]
-    meta = PagedBatch(pool, q_starts, q_lens, lens, tables)
+    meta = PagedBatch(pool, q_starts, q_lens, lens, tables, backend=backend)
+    if backend == "cpp":
+        assert sorted(q_lens[i] for i in meta.cpp_chunks) == [1, 1, 1, 1, 6, 12]
     out, _ = paged_attention(_Layer(0), q, k, v, None, scaling=scale, paged=meta)
-    assert out.shape == (1, sum(q_lens), Hq, D)
+    assert out.shape == (1, sum(q_lens), Hq, D) and out.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
     for i in range(len(lens)):
-        want = _reference(q_all[i], k_all[i], v_all[i], scale)[starts[i]:]
-        torch.testing.assert_close(out[0, q_starts[i]:q_starts[i] + q_lens[i]], want, rtol=1e-12, atol=1e-12)
+        got = out[0, q_starts[i]:q_starts[i] + q_lens[i]].double()
+        torch.testing.assert_close(got, want_all[i][starts[i]:], rtol=tol, atol=tol)
+
+
+def _cpp_args(L=3, Hq=4, Hkv=2, D=8, NB=6, BS=4):
+    import numpy as np
+    q = np.random.default_rng(0).standard_normal((L, Hq, D)).astype(np.float32)
+    pool = np.zeros((NB, BS, Hkv, D), np.float32)
+    i64 = lambda *x: np.array(x, dtype=np.int64)  # noqa: E731
+    return dict(q=q, k_pool=pool, v_pool=pool.copy(), out=np.zeros_like(q), q_start=i64(0, 1), q_len=i64(1, 2),
+                ctx_len=i64(5, 7), table_off=i64(0, 2), tables=np.array([0, 1, 2, 3], dtype=np.int32), scale=0.5)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(tables=[0, 1, 2, 9]), "chunk 1: block id outside the pool"),
+    (dict(q_len=[1, 8]), "chunk 1: need 1 <= q_len <= ctx_len"),
+    (dict(q_len=[0, 2]), "chunk 0: need 1 <= q_len"),
+    (dict(q_start=[0, 2]), "chunk 1: query rows outside q"),
+    (dict(ctx_len=[5, 13]), "chunk 1: block table outside tables"),
+    (dict(out="f64"), "out: wrong dtype"),
+    (dict(k_pool="f64"), "k_pool: wrong dtype"),
+    (dict(q_start="i32"), "q_start: wrong dtype"),
+    (dict(table_off=[0]), "lengths differ"),
+    (dict(q="2d"), "q: expected"),
+])
+def test_cpp_paged_attention_rejects_bad_buffers(change, match):
+    """Every bad buffer is a ValueError naming it (never a read outside the pool)."""
+    import numpy as np
+    _C = pytest.importorskip("videocom_fast._C")
+    a = _cpp_args()
+    for name, v in change.items():
+        if v == "f64":
+            a[name] = a[name].astype(np.float64)
+        elif v == "i32":
+            a[name] = a[name].astype(np.int32)
+        elif v == "2d":
+            a[name] = a[name][0]
+        else:
+            a[name] = np.array(v, dtype=a[name].dtype)
+    with pytest.raises(ValueError, match=match):
+        _C.paged_attention(**a)
+    a = _cpp_args()
+    _C.paged_attention(**a)                   # the unchanged arguments are valid
+    assert np.isfinite(a["out"]).all()
 
 
 def test_without_metadata_falls_back_to_sdpa():

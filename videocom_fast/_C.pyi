@@ -104,17 +104,28 @@ class Scheduler:
 import numpy as np
 
 def crop_resize_patchify(frames: list[np.ndarray], boxes: list[tuple[int, int, int, int]],
-                         sizes: list[tuple[int, int]], modes: list[int], lut: np.ndarray, out: np.ndarray) -> None:
+                         sizes: list[tuple[int, int]], modes: list[int], lut: np.ndarray, out: np.ndarray,
+                         norm: tuple[int, float, list[float], list[float]] | None = None) -> None:
     """frames[i] uint8 (T, H, W, 3) with RGB-contiguous pixels; boxes (x1, y1, x2, y2) exclusive ends;
-    sizes (out_h, out_w) multiples of 28; lut (3, 256) and out (rows, 1176) of one dtype (float32 or 16-bit)."""
+    sizes (out_h, out_w) multiples of 28; lut (3, 256) and out (rows, 1176) of one dtype (float32 or 16-bit).
+    norm = (kind, scale, mean, std): the processor's normalisation formula, computed in SIMD when it
+    reproduces `lut` bit for bit (checked per call), else table lookups."""
+def cpu_store_kind(lut: np.ndarray, norm: tuple[int, float, list[float], list[float]] | None = None) -> str:
+    """'f32' | 'bf16' | 'f16' (computed store) or 'table' (lookups): what the kernel will use for this lut."""
 def resize_uint8(image: np.ndarray, out_h: int, out_w: int, mode: int) -> np.ndarray: ...
 def set_cpu_simd(enabled: bool) -> bool:
     """Hand-written AVX-512 loops (True, default, when the CPU has AVX-512BW) or the portable ones; returns the
     previous setting. Outputs are identical either way."""
 def cpu_simd_isa() -> str:
-    """'avx512' or 'portable': the loops the next CPU kernel call runs."""
+    """'avx512_vbmi', 'avx512' or 'portable': the loops the next CPU kernel call runs."""
 def resample_axis(mode: int, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(first, size, weights (out, taps) int32, precision) of one axis."""
+def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray, out: np.ndarray, q_start: np.ndarray,
+                    q_len: np.ndarray, ctx_len: np.ndarray, table_off: np.ndarray, tables: np.ndarray,
+                    scale: float) -> None:
+    """csrc/cpu/paged_attention.cpp: causal attention of packed query chunks (q (L, Hq, D), strided rows/heads)
+    over paged K/V pools (num_blocks, BS, Hkv, D), float32 or float64; int64 chunk metadata, int32 tables.
+    Writes the chunks' rows of out (L, Hq, D)."""
 def crop_resize_patchify_cuda(frames: list[tuple[int, int, int, int, int, int]], boxes: list[tuple[int, int, int, int]],
                               sizes: list[tuple[int, int]], modes: list[int], lut: int, out: int, rows: int,
                               elem_size: int, stream: int) -> None:

@@ -5,7 +5,8 @@ VIDEOCOM_BACKEND          force the implementation of the fused preprocessing ke
 VIDEOCOM_PROTOCOL         "auto" (default: C++ core when built), "cpp", or "python" (the reference twin)
 VIDEOCOM_DECODER          force a video decoder: "auto" (default), "dali", "torchcodec", "pyav"
 VIDEOCOM_FRAME_CACHE_MB   byte budget of the shared frame cache in MiB (default 2048)
-VIDEOCOM_ATTENTION        rollout/training attention: "auto" (flash-attn when importable, else sdpa), "sdpa"
+VIDEOCOM_ATTENTION        rollout/training attention: "auto" (flash-attn when importable; on CPU the C++ paged
+                          kernel; else sdpa), "sdpa", "cpp", "flash"
 VIDEOCOM_SCHEDULER        rollout scheduler: "auto" (default: C++ when built), "cpp", "python" (the twin)
 VIDEOCOM_CUDA             build time only (CMake): AUTO | ON | OFF
 """

@@ -169,12 +169,17 @@ class RolloutEngine:
         self.pool = PagedKVPool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim,
                                 dtype=self.dtype, device=self.device)
         choice = attention if attention != "auto" else envs.attention()
-        if choice not in ("auto", "sdpa", "flash"):
-            raise ValueError(f"RolloutEngine: attention must be 'auto', 'sdpa' or 'flash', got {attention!r}")
+        if choice not in ("auto", "sdpa", "flash", "cpp"):
+            raise ValueError(f"RolloutEngine: attention must be 'auto', 'sdpa', 'flash' or 'cpp', got {attention!r}")
         flash_ok = attn.flash_available(block_size, self.device)
+        cpp_ok = attn.cpp_available(self.device, self.dtype)
         if choice == "flash" and not flash_ok:
             raise ValueError("RolloutEngine: attention='flash' needs CUDA, flash-attn and block_size % 256 == 0")
-        self.attn_backend = "flash" if flash_ok and choice != "sdpa" else "sdpa"
+        if choice == "cpp" and not cpp_ok:
+            raise ValueError("RolloutEngine: attention='cpp' needs a CPU model in float32/float64 and the built "
+                             "videocom_fast._C extension")
+        self.attn_backend = ("flash" if flash_ok and choice in ("auto", "flash") else
+                             "cpp" if cpp_ok and choice in ("auto", "cpp") else "sdpa")
         c = self.chat
         self.suppress_ids = torch.tensor([c.vision_start, c.vision_end, c.image_pad, c.video_pad, c.im_start],
                                          device=self.device)
@@ -529,10 +534,10 @@ class RolloutEngine:
         imgs = [b for b in s.blocks if b.item.kind == "image"]
         vids = [b for b in s.blocks if b.item.kind == "video"]
         if imgs:
-            t.pixel_values = torch.cat([b.pixel_values for b in imgs])
+            t.pixel_values = [b.pixel_values for b in imgs]      # concatenated when read
             t.image_grid_thw = torch.stack([b.grid for b in imgs]).long()
         if vids:
-            t.pixel_values_videos = torch.cat([b.pixel_values for b in vids])
+            t.pixel_values_videos = [b.pixel_values for b in vids]
             t.video_grid_thw = torch.stack([b.grid for b in vids]).long()
             t.second_per_grid_ts = torch.tensor([float(b.item.second_per_grid_t) for b in vids])
         self.stats["visual_tokens"] += sum(b.embeds.shape[0] for b in s.blocks)

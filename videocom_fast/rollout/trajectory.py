@@ -20,6 +20,29 @@ from dataclasses import dataclass, field
 import torch
 
 
+class _Concatenated:
+    """A tensor field that may be set to a list of parts, concatenated on first read (then cached).
+
+    The engine hands every rollout its media as references to the group's shared tensors: concatenating
+    them eagerly copied the main video's pixels once per rollout (measured: 1.2 s of a 16x8 rollout batch's
+    wall time) for trajectories whose pixels training may never read in that form.
+    """
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return None                       # the dataclass default
+        v = obj.__dict__.get(self.slot)
+        if isinstance(v, list):
+            v = obj.__dict__[self.slot] = torch.cat(v) if v else None
+        return v
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class Trajectory:
     sample_index: int
@@ -34,9 +57,9 @@ class Trajectory:
     finish_reason: str = ""
     media: list = field(default_factory=list)                     # MediaItem per vision block, in order
     position_ids: torch.Tensor | None = None                      # (3, len(token_ids))
-    pixel_values: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = _Concatenated()             # (settable as a list of parts)
     image_grid_thw: torch.Tensor | None = None
-    pixel_values_videos: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = _Concatenated()
     video_grid_thw: torch.Tensor | None = None
     second_per_grid_ts: torch.Tensor | None = None
 
