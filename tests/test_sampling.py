@@ -81,3 +81,16 @@ def test_bad_arguments():
         sample(torch.randn(2, 5), SamplingParams(), [rollout_generator(0, 0, 0)])
     with pytest.raises(ValueError, match="logits"):
         sample(torch.randn(5), SamplingParams(greedy=True))
+
+
+def test_ties_at_the_kth_logit_are_all_kept():
+    """top-k keeps every token tied with the k-th logit (transformers' rule): the k-only fast path must not
+    cut them, so such rows take the full-vocabulary path."""
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, -2.0, 0.5]])
+    params = SamplingParams(temperature=1.0, top_k=2, top_p=1.0)
+    g = rollout_generator(3, 0, 0)
+    tok, _ = sample(logits.expand(6000, 6), params, [g] * 6000)
+    counts = torch.bincount(tok, minlength=6).float() / 6000
+    want = filter_logits(logits, 2, 1.0).softmax(-1)[0]
+    assert (want[1:4] > 0).all() and counts[1:4].min() > 0.5 * want[1]
+    assert 0.5 * (counts - want).abs().sum() < 0.03

@@ -23,6 +23,7 @@ own SDPA attention, so registering this function never changes any other forward
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -86,8 +87,8 @@ class PagedBatch:
             bs = self.pool.block_size
             idx = self.cpp_chunks
             nb = [-(-self.ctx_lens[i] // bs) for i in idx]
-            tables = np.fromiter((b for i, k in zip(idx, nb) for b in self.block_tables[i][:k]), dtype=np.int32,
-                                 count=sum(nb))
+            tables = np.array(list(chain.from_iterable(self.block_tables[i][:k] for i, k in zip(idx, nb))),
+                              dtype=np.int32)
             off = np.zeros(len(nb), dtype=np.int64)
             np.cumsum(nb[:-1], out=off[1:])
             pick = lambda xs: np.fromiter((xs[i] for i in idx), dtype=np.int64, count=len(idx))  # noqa: E731

@@ -75,17 +75,46 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
         raise ValueError(f"sample: need one generator per row ({N}), got "
                          f"{None if generators is None else len(generators)}")
     scaled = logits_NV.float() / params.temperature
-    logp_NV = scaled.log_softmax(-1)
     work = scaled
     if suppress_ids is not None and suppress_ids.numel():
         work = work.index_fill(-1, suppress_ids.to(work.device), float("-inf"))
     if params.greedy:
         tokens = work.argmax(-1)
     else:
-        probs = filter_logits(work, params.top_k, params.top_p).softmax(-1)
         # inverse-CDF draw: one uniform per row from the row's own generator, then one vectorized search
         # (a per-row torch.multinomial call cost ~15x more on the CPU)
-        u = torch.stack([torch.rand((), generator=g, device=probs.device, dtype=torch.float64) for g in generators])
-        cdf = probs.double().cumsum(-1)
-        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-    return tokens, logp_NV.gather(-1, tokens[:, None]).squeeze(-1)
+        u = torch.stack([torch.rand((), generator=g, device=work.device, dtype=torch.float64) for g in generators])
+        tokens = _draw_top_k(work, params, u) if _top_k_only_applies(work, params) else None
+        if tokens is None:
+            probs = filter_logits(work, params.top_k, params.top_p).softmax(-1)
+            cdf = probs.double().cumsum(-1)
+            tokens = _search(cdf, u)
+    # log_softmax itself (not x - logsumexp, which rounds differently): bit-equal to the trainer's log-probs
+    return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _search(cdf_NK: torch.Tensor, u_N: torch.Tensor) -> torch.Tensor:
+    pos = torch.searchsorted(cdf_NK, (u_N * cdf_NK[:, -1])[:, None], right=True).squeeze(-1)
+    return pos.clamp_(max=cdf_NK.shape[-1] - 1)
+
+
+def _top_k_only_applies(work_NV: torch.Tensor, params: SamplingParams) -> bool:
+    return bool(params.top_k) and params.top_k < work_NV.shape[-1]
+
+
+def _draw_top_k(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor) -> torch.Tensor | None:
+    """The same filtered distribution as `filter_logits`, computed on the k largest logits only (sorted, so
+    top-p needs no full-vocabulary sort): ~V/k less work per row. None when a row has ties at its k-th
+    value (top-k keeps them all; the caller then takes the full-vocabulary path)."""
+    k = params.top_k
+    vals_NK, idx_NK = work_NV.topk(k, dim=-1)                 # descending
+    if bool(((work_NV >= vals_NK[:, -1:]).sum(-1) > k).any()):
+        return None
+    asc = vals_NK.flip(-1)
+    if params.top_p < 1.0:
+        cum = asc.softmax(-1).cumsum(-1)
+        drop = cum <= (1 - params.top_p)
+        drop[..., -1:] = False                                 # always keep the most likely token
+        asc = asc.masked_fill(drop, float("-inf"))
+    cdf = asc.softmax(-1).double().cumsum(-1)
+    return idx_NK.flip(-1).gather(-1, _search(cdf, u_N)[:, None]).squeeze(-1)
