@@ -3,9 +3,10 @@
 `sft_tiny_model` (session scope) is the tiny Qwen2.5-VL fitted by the real SFT trainer on the synthesized
 data with configs/sft_tiny.yaml; other tests (rollout engine, GRPO) start from it. It is cached on disk
 under .cache/sft_tiny/<key>, where the key hashes the config file and the source of every module that
-shapes the result (data synthesis, tokenization, media, model, trainer), so reruns reuse it and a code
-change retrains it (about 1-2 minutes on 2 cores). A file lock keeps parallel test sessions from training
-it twice. Import into conftest.py with `from fixtures_sft import *`.
+shapes the result (data synthesis, tokenization, media, model, trainer) plus the sample counts, so reruns
+reuse it and a code change retrains it (about 2 minutes on 2 cores: 1 to synthesize 136 samples, 1 to
+train). A file lock keeps parallel test sessions from training it twice. Import into conftest.py with
+`from fixtures_sft import *`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ CONFIG = ROOT / "configs" / "sft_tiny.yaml"
 _SOURCES = ["videocom_fast/data/synth.py", "videocom_fast/env.py", "videocom_fast/models.py",
             "videocom_fast/chat.py", "videocom_fast/mrope.py", "videocom_fast/modeling.py",
             "training/sft.py", "training/sft_data.py", "training/packing.py", "training/config.py"]
-NUM_SAMPLES = 64
+# 112 training samples (SFT holds out the last 11 for its eval loss) and 24 held-out samples (eval.json) for
+# greedy episodes: 8 episodes were too few to measure a rate (one episode = 12.5 points); docs/sft_curve.md
+NUM_SAMPLES, NUM_EVAL = 136, 24
 
 
 @dataclass
@@ -46,7 +49,7 @@ class FittedModel:
 
 
 def cache_key() -> str:
-    h = hashlib.sha256(CONFIG.read_bytes())
+    h = hashlib.sha256(CONFIG.read_bytes() + f"{NUM_SAMPLES},{NUM_EVAL}".encode())
     for rel in _SOURCES:
         p = ROOT / rel
         h.update(rel.encode() + (p.read_bytes() if p.exists() else b"missing"))
@@ -72,7 +75,7 @@ def build_fitted_tiny(root: Path | None = None) -> FittedModel:
         data, model_dir = base / "data", base / "model"
         if not (data / "sft.json").exists():
             shutil.rmtree(data, ignore_errors=True)
-            synthesize(data, num_samples=NUM_SAMPLES, seed=0, media_config=mc)
+            synthesize(data, num_samples=NUM_SAMPLES, seed=0, media_config=mc, num_eval=NUM_EVAL)
         done = model_dir / "sft_result.json"
         if not done.exists():
             shutil.rmtree(model_dir, ignore_errors=True)

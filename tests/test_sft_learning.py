@@ -17,11 +17,46 @@ def test_sft_loss_halves(sft_tiny_model):
 def test_greedy_episodes_are_well_formed_and_use_manipulations(sft_tiny_model):
     model, processor = sft_tiny_model.load()
     samples = sft_tiny_model.samples("eval")
+    # one episode must not move the rate by more than ~6 points, or the 70% bound measures luck
+    assert len(samples) >= 16, len(samples)
     summary = run_episodes(model, processor, samples, sft_tiny_model.media_config, max_new_tokens=48)
     detail = [(e["rounds"], e["reasons"]) for e in summary["episodes"] if not (e["well_formed"] and
                                                                               e["uses_manipulations"])]
-    # Issue 5 asks for >= 70%; NOT met reliably by the 2-layer tiny model: fixtures fitted by different code
-    # versions measured 37.5%, 50% and >= 70% on these 8 held-out samples (the failures are garbled final
-    # rounds, e.g. "FINAL_ANSWER: C. FINAL_ANSWER: B. 9"). This bound guards what is reliably reached.
-    assert summary["good"] >= 0.375, detail
-    assert summary["uses_manipulations"] >= 0.75, detail
+    # Issue 5's bound. Measured (docs/sft_curve.md): the fixture 24/24 on these 24 held-out samples and 33/36
+    # on 36 others; the same data with training seed 1: 23/24 and 34/36. Before the synthesized answers were
+    # written ", so ACTION" the same fixture reached 2/36 (induction copied " FINAL" after "C.").
+    assert summary["good"] >= 0.7, detail
+    assert summary["uses_manipulations"] >= 0.9, detail
+
+
+def test_model_kwargs_size_the_tiny_model_and_leave_the_default(tmp_path):
+    # The SFT config's capacity knob (model_kwargs -> build_tiny sizes); build_tiny() without sizes, which
+    # ~all other tests use, must stay the 2-layer hidden-128 model.
+    import torch
+
+    from videocom_fast.models import TINY_TEXT, build_tiny, load
+    from videocom_fast.training.sft import SFTConfig, build_model
+
+    model, _ = build_model(SFTConfig(model_kwargs={"hidden_size": 256, "num_hidden_layers": 3},
+                                     output_dir=str(tmp_path / "big"), dtype="float32"), torch.device("cpu"))
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size) == (256, 3, 8, 4, 512)
+    assert model.config.vision_config.out_hidden_size == 256 and len(model.model.language_model.layers) == 3
+    ids = torch.randint(0, 600, (1, 7))
+    assert model(input_ids=ids).logits.shape == (1, 7, text.vocab_size)
+
+    small, _ = load(build_tiny(tmp_path / "default", seed=0))
+    t = small.config.text_config
+    assert {k: getattr(t, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "intermediate_size")} == {
+        k: TINY_TEXT[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                  "num_key_value_heads", "intermediate_size")}
+    with pytest.raises(ValueError, match="model_kwargs"):
+        build_model(SFTConfig(model=str(tmp_path / "default"), model_kwargs={"hidden_size": 256},
+                              output_dir=str(tmp_path / "x")), torch.device("cpu"))
+    for bad, name in (({"hidden_size": 200}, "hidden_size"), ({"num_layers": 3}, "num_layers"),
+                      ({"num_hidden_layers": 0}, "num_hidden_layers"),
+                      ({"num_attention_heads": 3}, "num_attention_heads")):
+        with pytest.raises(ValueError, match=name):
+            build_tiny(tmp_path / "bad", **bad)

@@ -156,6 +156,28 @@ def test_gold_chain_replays_through_the_env(data):
         assert final.done and final.action.values == gpt[3].split("FINAL_ANSWER: ")[1][0]
 
 
+def test_assistant_turns_use_a_period_only_in_the_answer(data):
+    # The gold rounds join reasoning and action with ", so": a "." before an action ("... 9. FINAL_ANSWER:
+    # C. 9") taught the SFT tiny model to copy " FINAL" after the answer's "C." (docs/sft_curve.md).
+    for s in data[3]["sft"]:
+        gpt = [t["value"] for t in s["conversations"] if t["from"] == "gpt"]
+        assert [g.count(".") for g in gpt] == [0, 0, 0, 1], gpt
+        assert all(", so " in g for g in gpt) and re.search(r", so FINAL_ANSWER: [A-D]\. \S", gpt[3]), gpt
+
+
+def test_num_eval_sets_the_held_out_split(tmp_path):
+    small = dict(fps=4, seconds=(12, 12), width=160, height=96, workers=1)
+    paths = synthesize(tmp_path / "a", num_samples=4, seed=5, num_eval=3, **small)
+    train, held = json.load(open(paths["sft"])), json.load(open(paths["eval"]))
+    assert [s["id"] for s in train] == ["sample_0000"] and [s["id"] for s in held] == [
+        "sample_0001", "sample_0002", "sample_0003"]
+    paths = synthesize(tmp_path / "b", num_samples=2, seed=5, num_eval=0, **small)
+    assert len(json.load(open(paths["sft"]))) == 2 and json.load(open(paths["eval"])) == []
+    for bad in (4, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_eval"):
+            synthesize(tmp_path / "bad", num_samples=4, num_eval=bad, **small)
+
+
 def test_vp9_and_validation(tmp_path):
     paths = synthesize(tmp_path, num_samples=1, seed=3, codec="vp9", fps=4, seconds=(12, 12),
                        width=160, height=96)

@@ -41,6 +41,7 @@ from .sft_data import MediaBudget, SFTDataset
 @dataclass
 class SFTConfig:
     model: str = "tiny"                 # a Qwen2.5-VL directory, or "tiny" (videocom_fast.models.build_tiny)
+    model_kwargs: dict = field(default_factory=dict)   # "tiny" only: LLM sizes, e.g. {hidden_size: 256}
     data: str = ""                      # SFT JSON (synth.py or Video-CoM format)
     eval_data: str = ""                 # optional held-out SFT JSON
     eval_fraction: float = 0.0          # else hold out this fraction of `data` (the last samples)
@@ -107,13 +108,16 @@ def build_model(cfg: SFTConfig, device: torch.device):
     from videocom_fast.models import build_tiny, load
 
     path = cfg.model
-    if path == "tiny" or path.startswith("tiny:"):
+    is_tiny = path == "tiny" or path.startswith("tiny:")
+    if cfg.model_kwargs and not is_tiny:
+        raise ValueError(f"model_kwargs: only for model 'tiny' (sizes of a new model), got model {path!r}")
+    if is_tiny:
         seed = int(path.split(":")[1]) if ":" in path else cfg.seed
         path = Path(cfg.output_dir) / "_base"
         # NOTE: one writer: the other ranks wait for rank 0's files instead of racing to rewrite them
         multi = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not multi or torch.distributed.get_rank() == 0:
-            build_tiny(path, seed=seed)
+            build_tiny(path, seed=seed, **cfg.model_kwargs)
         if multi:
             torch.distributed.barrier()
     model, processor = load(path, dtype=_dtype(cfg, device), device=device)

@@ -1,8 +1,8 @@
 """Record an SFT run's learning curve for the README: a PNG plot and a markdown table.
 
-    python -m videocom_fast.training.sft_curve RUN_DIR --out docs/sft_curve.png [--episodes episodes.json]
-Reads RUN_DIR/metrics.jsonl (written by training.sft); prints the markdown (loss every ~10% of the run,
-eval loss, and the greedy-episode figures when given).
+    python -m videocom_fast.training.sft_curve RUN_DIR --out docs/sft_curve.png
+Reads RUN_DIR/metrics.jsonl (written by training.sft); prints a markdown table: the loss every ~10% of the
+run plus every step that has an eval loss. (Greedy-episode figures come from training/sft_eval.py.)
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def plot(run_dir, out_png) -> list[dict]:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("SFT of the tiny Qwen2.5-VL on synthesized manipulation chains")
+    ax.set_title("SFT of the tiny Qwen2.5-VL on synthesized manipulation chains", fontsize=10)
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
@@ -40,7 +40,8 @@ def plot(run_dir, out_png) -> list[dict]:
 def table(recs) -> str:
     train = [r for r in recs if "loss" in r]
     n = len(train)
-    picks = sorted({0, n - 1, *[int(n * k / 10) for k in range(1, 10)]})
+    picks = sorted({0, n - 1, *[int(n * k / 10) for k in range(1, 10)],
+                    *[i for i, r in enumerate(train) if "eval_loss" in r]})
     lines = ["| step | train loss | eval loss | lr | tokens/s | visual tokens/s |", "|---|---|---|---|---|---|"]
     for i in picks:
         r = train[i]

@@ -7,6 +7,9 @@ split one per token as Qwen does), Qwen's chat template, and a Qwen2_5_VLProcess
 
 Sizes (about 0.6 M parameters in the LLM plus a 2-block vision tower): hidden 128, 2 layers, 4 heads of
 32 (mrope_section [4, 6, 6] sums to head_dim/2), vision hidden 64, depth 2, merger out 128 = text hidden.
+`build_tiny(out, hidden_size=256, num_hidden_layers=4)` makes a wider/deeper LLM (the SFT config's
+`model_kwargs`): heads stay 32 wide (so the mrope_section fits), 2 query heads per KV head, MLP 2x hidden,
+and the merger's output follows the text hidden size. The defaults are what every other test builds.
 """
 from __future__ import annotations
 
@@ -87,14 +90,46 @@ def build_tokenizer(vocab_size: int = 640, seed: int = 0):
     return fast
 
 
-def tiny_config(tokenizer):
+TEXT_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads")
+HEAD_DIM = 32     # TINY_TEXT's head width; mrope_section [4, 6, 6] sums to HEAD_DIM / 2
+
+
+def text_sizes(**sizes) -> dict:
+    """TINY_TEXT's size fields with `sizes` applied; heads and MLP follow hidden_size unless given."""
+    unknown = sorted(set(sizes) - set(TEXT_SIZE_KEYS))
+    if unknown:
+        raise ValueError(f"model size: unknown keys {unknown}; known: {list(TEXT_SIZE_KEYS)}")
+    for k, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k}: expected a positive int, got {v!r}")
+    out = {k: TINY_TEXT[k] for k in TEXT_SIZE_KEYS}
+    hidden = sizes.get("hidden_size", out["hidden_size"])
+    if hidden != out["hidden_size"]:   # derived sizes follow the width unless given explicitly
+        if hidden % (2 * HEAD_DIM):
+            raise ValueError(f"hidden_size: expected a multiple of {2 * HEAD_DIM}, got {hidden}")
+        out.update(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=hidden // HEAD_DIM,
+                   num_key_value_heads=hidden // (2 * HEAD_DIM))
+    out.update(sizes)
+    if out["hidden_size"] != HEAD_DIM * out["num_attention_heads"]:
+        raise ValueError(f"num_attention_heads: hidden_size {out['hidden_size']} / heads "
+                         f"{out['num_attention_heads']} must be {HEAD_DIM} (mrope_section {[4, 6, 6]})")
+    if out["num_attention_heads"] % out["num_key_value_heads"]:
+        raise ValueError(f"num_key_value_heads: {out['num_key_value_heads']} must divide "
+                         f"num_attention_heads {out['num_attention_heads']}")
+    return out
+
+
+def tiny_config(tokenizer, **sizes):
+    """The tiny Qwen2_5_VLConfig; `sizes` (TEXT_SIZE_KEYS) widen/deepen the LLM, see `text_sizes`."""
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(TINY_TEXT, vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+    text = dict(TINY_TEXT, **text_sizes(**sizes), vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(TINY_VISION, out_hidden_size=text["hidden_size"])   # the merger feeds the LLM's width
     return Qwen2_5_VLConfig(
-        text_config=text, vision_config=dict(TINY_VISION),
+        text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
@@ -112,23 +147,26 @@ def build_processor(tokenizer):
                                video_processor=video_processor, chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny(out_dir, seed: int = 0, dtype=None) -> Path:
-    """Write a tiny random Qwen2.5-VL + tokenizer + processor to `out_dir`; returns the path."""
+def build_tiny(out_dir, seed: int = 0, dtype=None, **sizes) -> Path:
+    """Write a tiny random Qwen2.5-VL + tokenizer + processor to `out_dir`; returns the path.
+    `sizes`: optional LLM sizes (hidden_size, num_hidden_layers, ...; see `text_sizes`)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    text_sizes(**sizes)   # a bad size fails before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed=seed)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer))
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **sizes))
     if dtype is not None:
         model = model.to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)
-    (out / "videocom_tiny.json").write_text(json.dumps({"seed": seed, "builder": "videocom_fast.models.build_tiny"}))
+    (out / "videocom_tiny.json").write_text(json.dumps({"seed": seed, "builder": "videocom_fast.models.build_tiny",
+                                                            **({"sizes": sizes} if sizes else {})}))
     return out
 
 

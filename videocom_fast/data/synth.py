@@ -13,7 +13,7 @@ Files written under out_dir (paths inside the JSON are relative to the JSON file
     videos/sample_0000.mp4      the overlayed video
     frames/sample_0000_f0123.png  the gold frame as decoded from the video (for image-path loaders)
     sft.json  grpo.json         the training split (same samples, two formats)
-    eval.json                   held-out samples (the last max(1, n // 8)), GRPO format
+    eval.json                   held-out samples (the last `num_eval`, default max(1, n // 8)), GRPO format
 
 SFT sample (the reference's sft_dataset.py format, spec section 5):
     {"id": "sample_0000", "video": "videos/sample_0000.mp4", "conversations": [
@@ -241,20 +241,23 @@ def _sft_record(r: dict, fps: int, image_hw, width: int, height: int) -> dict:
     crop = resized_box_to_original(p["zoom"], image_hw, (height, width))
     x1, y1, x2, y2 = p["zoom"]
     seen = f"the character {p['char']}" if p["qtype"] == "character" else f"a {p['colour']} character"
+    # NOTE: ", so ACTION" and never ". ACTION": with ". FINAL_ANSWER" in the same round, a tiny model's
+    # induction copies " FINAL" after the answer's "C." ("FINAL_ANSWER: C. FINAL_ANSWER: B. 9"); with it, the
+    # only "." in assistant text is the answer's, followed by the option (docs/sft_curve.md)
     conv = [
         _question_turn(p),
-        {"from": "gpt", "value": f"The tag appears in segment {s}. "
+        {"from": "gpt", "value": f"The tag appears in segment {s}, so "
                                  f"FIND_SEGMENT(the segment where the small tag appears) = [{s}]"},
         {"from": "human", "value": f"<video>\n{TEXT_SEGMENT}",
          "media": {"type": "video", "time_ranges": [{"start": t0, "end": t1}], "frame_list": [n]}},
         {"from": "gpt",
-         "value": f"The tag is visible in frame {n}. FIND_FRAME(the frame showing the tag) = [{n}]"},
+         "value": f"The tag is visible in frame {n}, so FIND_FRAME(the frame showing the tag) = [{n}]"},
         {"from": "human", "value": f"<image>\n{TEXT_FRAME}",
          "media": {"type": "image", "image": r["frame_image"], "frame": n}},
-        {"from": "gpt", "value": f"The tag is small. SPATIAL_ZOOM(the tag) = [{x1}, {y1}, {x2}, {y2}]"},
+        {"from": "gpt", "value": f"The tag is small, so SPATIAL_ZOOM(the tag) = [{x1}, {y1}, {x2}, {y2}]"},
         {"from": "human", "value": f"<image>\n{TEXT_ZOOM}",
          "media": {"type": "image", "image": r["frame_image"], "frame": n, "bbox": [list(crop)]}},
-        {"from": "gpt", "value": f"The tag shows {seen}. FINAL_ANSWER: {_answer_text(p)}"},
+        {"from": "gpt", "value": f"The tag shows {seen}, so FINAL_ANSWER: {_answer_text(p)}"},
     ]
     return {"id": r["name"], "video": r["video"], "conversations": conv}
 
@@ -280,8 +283,9 @@ def _single_threaded_worker() -> None:
 
 def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h264", width: int = 320,
                height: int = 192, fps: int = 8, seconds=(40, 60), media_config=None,
-               workers: int | None = None) -> dict:
-    """Write the dataset under `out_dir`; returns dict(out_dir, sft, grpo, eval, videos) of paths."""
+               workers: int | None = None, num_eval: int | None = None) -> dict:
+    """Write the dataset under `out_dir`; returns dict(out_dir, sft, grpo, eval, videos) of paths.
+    The last `num_eval` samples (default max(1, num_samples // 8)) are held out in eval.json."""
     from ..env import MediaConfig
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -292,6 +296,9 @@ def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h
         raise ValueError(f"width/height: expected even sizes of at least 128x96, got {width}x{height}")
     if not isinstance(fps, int) or fps < 2:
         raise ValueError(f"fps: expected an int >= 2, got {fps!r}")
+    if num_eval is not None and (isinstance(num_eval, bool) or not isinstance(num_eval, int)
+                                 or not 0 <= num_eval < num_samples):
+        raise ValueError(f"num_eval: expected an int in [0, num_samples), got {num_eval!r}")
     lo, hi = seconds
     if not 0 < lo <= hi:
         raise ValueError(f"seconds: expected (min, max) with 0 < min <= max, got {seconds!r}")
@@ -323,7 +330,8 @@ def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h
             records = [_make_sample(j) for j in jobs]
         finally:
             torch.set_num_threads(threads)
-    num_eval = max(1, num_samples // 8) if num_samples >= 2 else 0
+    if num_eval is None:
+        num_eval = max(1, num_samples // 8) if num_samples >= 2 else 0
     train, held = records[:num_samples - num_eval], records[num_samples - num_eval:]
     files = {"sft": [_sft_record(r, fps, image_hw, width, height) for r in train],
              "grpo": [_grpo_record(r) for r in train], "eval": [_grpo_record(r) for r in held]}
