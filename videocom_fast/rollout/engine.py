@@ -35,6 +35,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import envs, modeling
@@ -392,9 +393,12 @@ class RolloutEngine:
             a, b = c.start, c.start + c.num_tokens
             q_starts.append(len(ids))
             ids.extend(s.tokens[a:b])
-            pos.append(s.pos[:, a:b])
+            pos.append(s._pos_np[:, a:b])    # numpy views: ~10x cheaper than slicing torch tensors
             t = c.block_ids
-            slots.extend(t[p // bs] * bs + p % bs for p in range(a, b))
+            if b - a == 1:
+                slots.append(t[a // bs] * bs + a % bs)
+            else:
+                slots.extend(t[p // bs] * bs + p % bs for p in range(a, b))
             q_lens.append(c.num_tokens)
             ctx.append(b)
             tables.append(t)
@@ -412,7 +416,7 @@ class RolloutEngine:
         x_LD = m.get_input_embeddings()(ids_L)
         for row, n, emb, src in media_rows:
             x_LD[row:row + n] = emb[src:src + n].to(x_LD.dtype)
-        pos_3L = torch.cat(pos, dim=1).to(self.device)
+        pos_3L = torch.from_numpy(np.concatenate(pos, axis=1)).to(self.device)
         meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
         cache = StepCache(self.pool, torch.tensor(slots, device=self.device))
         hidden = modeling.text_forward(self.model, x_LD[None], pos_3L[:, None, :], past_key_values=cache,
