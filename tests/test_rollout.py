@@ -50,11 +50,15 @@ def _check_naive(model, proc, samples, trajs, max_rounds=5, max_new_tokens=40, f
             assert tr.finish_reason == nv.finish_reason, where
 
 
-def test_greedy_equals_naive_loop_free_running(model64, rollout_samples):
-    """No forcing: the random model's own rounds (garbage text, no actions) for a few samples."""
+@pytest.mark.parametrize("attention", ["cpp", "sdpa"])
+def test_greedy_equals_naive_loop_free_running(model64, rollout_samples, attention):
+    """No forcing: the random model's own rounds (garbage text, no actions) for a few samples; both CPU
+    attention paths (the C++ paged kernel, the default here, and gather + SDPA)."""
     model, proc = model64
     samples = rollout_samples[:2]
-    trajs = _engine(model, proc, samples, forced=False, max_rounds=3).generate(samples, num_generations=2, greedy=True)
+    eng = _engine(model, proc, samples, forced=False, max_rounds=3, attention=attention)
+    assert eng.attn_backend == attention
+    trajs = eng.generate(samples, num_generations=2, greedy=True)
     _check_naive(model, proc, samples, trajs, max_rounds=3, forced=False)
     # greedy rollouts of one group (forked from one prefill) are identical
     for g in trajs:
@@ -155,6 +159,10 @@ def test_bad_arguments(model32):
         RolloutEngine(model, proc, max_rounds=0)
     with pytest.raises(ValueError, match="kv_budget_tokens"):
         RolloutEngine(model, proc, kv_budget_tokens=3)
+    with pytest.raises(ValueError, match="attention must be"):
+        RolloutEngine(model, proc, attention="paged")
+    with pytest.raises(ValueError, match="attention='cpp' needs"):
+        RolloutEngine(model, proc, attention="cpp", dtype=torch.bfloat16)
     eng = RolloutEngine(model, proc)
     with pytest.raises(ValueError, match="num_generations"):
         eng.generate([], num_generations=0)

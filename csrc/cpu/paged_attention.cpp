@@ -3,8 +3,8 @@
 // One work item = (chunk, tile of up to kTileRows query rows). All its query vectors (rows x Hq heads) share
 // one sweep over the chunk's K blocks and one over its V blocks, row by row, each row (all kv heads, one
 // contiguous span) used from L1 by every head of the tile: GQA without expanding K/V, and a decode costs
-// one streaming pass over its sequence's keys. Items are
-// independent, so OpenMP spreads them over cores with dynamic scheduling (sequences differ in length).
+// one streaming pass over its sequence's keys. Items are independent, so OpenMP spreads them over cores
+// with dynamic scheduling (sequences differ in length).
 // Accumulation is in the input's precision (float32 or float64): fp64 keeps the engine's greedy-equality
 // tests against the naive loop meaningful.
 #include "paged_attention.h"
