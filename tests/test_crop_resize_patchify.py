@@ -163,7 +163,8 @@ def test_cpp_kernel_fills_poisoned_output_like_reference(dtype):
 def _simd_items(g, mode):
     """Sizes that reach every SIMD branch and its edges: partial 16-byte horizontal groups and 64-byte vertical
     blocks, a 1x1 crop (upscale), a 5x horizontal downscale (its tap window exceeds 128 bytes: the transposing
-    loop runs), a tall image (PIL resizes vertically first), and a 9-frame video (5 temporal patches: whole-slice
+    loop runs), a tall image (PIL resizes vertically first), a 2.9x downscale (per-group tap-pair counts below
+    the axis maximum), and a 9-frame video (5 temporal patches: whole-slice
     tasks whose window rows reuse the horizontal rows of the previous one; odd T pads)."""
     def frames(t, h, w):
         return torch.randint(0, 256, (t, h, w, 3), dtype=torch.uint8, generator=g)
@@ -171,6 +172,7 @@ def _simd_items(g, mode):
             P._Item(frames(1, 50, 60), (7, 3, 8, 4), 56, 56, mode),
             P._Item(frames(1, 200, 700), (0, 0, 700, 200), 56, 140, mode),
             P._Item(frames(1, 130, 45), (0, 0, 45, 130), 56, 28, mode),
+            P._Item(frames(1, 61, 401), (0, 0, 401, 61), 28, 140, mode),  # 2.9x: groups need fewer pairs than taps
             P._Item(frames(9, 40, 90), (2, 1, 89, 40), 84, 112, mode)]
 
 
@@ -192,7 +194,7 @@ def test_cpp_kernel_simd_paths_equal_portable_and_reference(dtype, mode):
                                                       torch.float16: "f16"}[dtype]
     previous, threads = _C.set_cpu_simd(True), torch.get_num_threads()
     try:
-        for items in (all_items[:4], all_items[4:]):  # a video alone gets whole-slice tasks (1 thread)
+        for items in (all_items[:5], all_items[5:]):  # a video alone gets whole-slice tasks (1 thread)
             want = torch.full((sum(it.rows for it in items), P.PATCH_DIM), float("nan"), dtype=dtype)
             P._run_torch(items, lut, want)
             for simd, n in [(True, 1), (True, 2), (False, 1)]:
@@ -203,6 +205,61 @@ def test_cpp_kernel_simd_paths_equal_portable_and_reference(dtype, mode):
                 assert torch.equal(got, want), (simd, n, (got.float() - want.float()).abs().max())
     finally:
         _C.set_cpu_simd(previous)
+        torch.set_num_threads(threads)
+
+
+def _fork_child_run(items, lut, norm, want, queue):
+    # numpy for the fill and the comparison: torch's own OpenMP pool may hang in a forked child
+    torch.set_num_threads(2)
+    got = torch.from_numpy(np.full(tuple(want.shape), np.nan, np.float32))
+    P._run_cpp(items, lut, got, norm)
+    queue.put(bool(np.array_equal(got.numpy(), want.numpy())))
+
+
+def test_cpp_kernel_concurrent_calls_and_forked_child():
+    """The task pool (csrc/cpu/crop_resize_patchify_pool.cpp) and the per-thread scratch kept across calls: calls
+    from several Python threads at once (one gets the helper threads, the others run alone), back-to-back calls
+    on other items of the same sizes, and a forked child (helpers are the parent's threads) all give the
+    reference's values."""
+    import multiprocessing
+    import threading
+
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    lut, norm = P.normalize_lut(P.MODE_PIL, torch.float32), P.normalize_formula(P.MODE_PIL)
+    jobs = []
+    for _ in range(4):  # same sizes each time: the horizontal-row caches must not carry over between calls
+        items = _simd_items(g, P.MODE_PIL)[:4]
+        want = torch.empty(sum(it.rows for it in items), P.PATCH_DIM)
+        P._run_torch(items, lut, want)
+        jobs.append((items, want))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = [None] * len(jobs)
+
+        def work(i):
+            items, want = jobs[i]
+            ok = True
+            for _ in range(3):
+                got = torch.full_like(want, float("nan"))
+                P._run_cpp(items, lut, got, norm)
+                ok = ok and torch.equal(got, want)
+            results[i] = ok
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert results == [True] * len(jobs)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_fork_child_run, args=(jobs[0][0], lut, norm, jobs[0][1], queue))
+        child.start()
+        assert queue.get(timeout=30) is True
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    finally:
         torch.set_num_threads(threads)
 
 

@@ -206,6 +206,64 @@ def test_bad_inputs_name_argument_and_index():
         videocom_fast.preprocess.preprocess_media([types.SimpleNamespace(kind="audio", frames=ok[None])])
 
 
+# --- out=: a preallocated pixel_values buffer ------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffer_is_filled_and_returned(backend):
+    """out= gets every value (poisoned with NaN first), is the tensor returned, and equals the oracle; reused
+    for a second call with other pixels, it holds that call's result."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    frames = torch.randint(0, 256, (2, 61, 97, 3), dtype=torch.uint8, generator=g)
+    boxes = [(3, 5, 90, 60), None]
+    want, grid = oracle_images([crop(f, b) for f, b in zip(frames, boxes)])
+    out = torch.full_like(want, float("nan"))
+    with P.force_backend(backend):
+        got, got_grid = videocom_fast.preprocess_images(list(frames), boxes=boxes, out=out)
+        assert got is out and torch.equal(got, want) and torch.equal(got_grid, grid)
+        frames2 = torch.randint(0, 256, frames.shape, dtype=torch.uint8, generator=g)
+        want2, _ = oracle_images([crop(f, b) for f, b in zip(frames2, boxes)])
+        assert torch.equal(videocom_fast.preprocess_images(list(frames2), boxes=boxes, out=out)[0], want2)
+        video = torch.randint(0, 256, (3, 40, 70, 3), dtype=torch.uint8, generator=g)
+        want_v, _ = oracle_video(video)
+        out_v = torch.full((want_v.shape[0], P.PATCH_DIM), float("nan"), dtype=torch.bfloat16)
+        got_v, _ = videocom_fast.preprocess_video(video, out=out_v, dtype=torch.bfloat16)
+        assert got_v is out_v and torch.equal(got_v, want_v.to(torch.bfloat16))
+
+
+def test_cpu_outputs_reuse_only_dead_buffers(monkeypatch):
+    """Fresh CPU outputs come from recycled buffers (preprocess._OutputCache): a live output is never handed out
+    again, a dead one is, and the recycled buffer holds the new call's values (poisoned first)."""
+    import gc
+
+    monkeypatch.setattr(P, "_OUT_CACHE", P._OutputCache(1 << 28))  # empty: no buffers from earlier tests
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    images = [torch.randint(0, 256, (3, 83, 129, 3), dtype=torch.uint8, generator=g)[i] for i in range(3)]
+    with P.force_backend("cpp"):
+        first, _ = videocom_fast.preprocess_images([images[0]])
+        second, _ = videocom_fast.preprocess_images([images[1]])
+        assert first.data_ptr() != second.data_ptr()
+        assert torch.equal(first, oracle_images([images[0]])[0]) and torch.equal(second, oracle_images([images[1]])[0])
+        ptr = first.data_ptr()
+        first.fill_(float("nan"))
+        del first
+        gc.collect()
+        third, _ = videocom_fast.preprocess_images([images[2]])
+        assert third.data_ptr() == ptr  # the dead buffer, refilled
+        assert torch.equal(third, oracle_images([images[2]])[0])
+        assert torch.equal(second, oracle_images([images[1]])[0])  # the live one untouched
+
+
+def test_out_buffer_bad_shape_dtype_layout_name_out():
+    image = torch.zeros(56, 56, 3, dtype=torch.uint8)  # a 4 x 4 patch grid: 16 rows of 1176
+    bad = [torch.empty(17, P.PATCH_DIM), torch.empty(16, P.PATCH_DIM - 1), torch.empty(16, P.PATCH_DIM, dtype=torch.float16),
+           torch.empty(P.PATCH_DIM, 16).t(), torch.empty(16, P.PATCH_DIM, requires_grad=True),
+           np.empty((16, P.PATCH_DIM))]
+    for out in bad:
+        with pytest.raises(ValueError, match=r"^out: expected a contiguous \(16, 1176\) torch.float32 tensor on cpu"):
+            videocom_fast.preprocess_images([image], out=out)
+    with pytest.raises(ValueError, match=r"^out: "):
+        videocom_fast.preprocess_video(image[None].expand(2, -1, -1, -1), out=torch.empty(3, P.PATCH_DIM))
+
+
 # --- dispatch ----------------------------------------------------------------------------------------------------
 def test_backend_selection(monkeypatch):
     cpu = torch.device("cpu")

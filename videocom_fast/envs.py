@@ -5,6 +5,7 @@ VIDEOCOM_BACKEND          force the implementation of the fused preprocessing ke
 VIDEOCOM_PROTOCOL         "auto" (default: C++ core when built), "cpp", or "python" (the reference twin)
 VIDEOCOM_DECODER          force a video decoder: "auto" (default), "dali", "torchcodec", "pyav"
 VIDEOCOM_FRAME_CACHE_MB   byte budget of the shared frame cache in MiB (default 2048)
+VIDEOCOM_OUT_CACHE_MB     budget of recycled CPU pixel_values buffers in MiB (default 256; 0 disables)
 VIDEOCOM_ATTENTION        rollout/training attention: "auto" (flash-attn when importable; on CPU the C++ paged
                           kernel; else sdpa), "sdpa", "cpp", "flash"
 VIDEOCOM_SCHEDULER        rollout scheduler: "auto" (default: C++ when built), "cpp", "python" (the twin)
@@ -39,3 +40,7 @@ def attention() -> str:
 
 def scheduler_impl() -> str:
     return _get("VIDEOCOM_SCHEDULER", "auto")
+
+
+def out_cache_mb() -> float:
+    return float(os.environ.get("VIDEOCOM_OUT_CACHE_MB", "256"))

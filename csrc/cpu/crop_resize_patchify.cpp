@@ -19,24 +19,30 @@
 //               16-bit pairs from a 128-byte window and one vpmaddwd per tap pair adds them (hpass_rows_vbmi);
 //               for downscales beyond ~4x (wider windows) or without VBMI: 16-row blocks transposed in 16x16
 //               byte tiles, one 16-lane multiply-add per tap (AVX-512BW hand loop or the portable loop).
+//               Tried and dropped: VNNI vpdpbusd on 4 taps at once with PIL's 22-bit weights as 7-bit digits
+//               (3-4 per weight): fewer instructions, but 1.0x (3 digits) to 2x slower (4 digits) on this CPU.
 //   vertical    AVX-512BW: register-blocked, 64 output bytes in registers over all taps, tap pairs through
 //               vpmaddwd (vpass_row_avx512); else the portable loop (compiler-vectorised).
-//   store       AVX-512 VBMI: values computed as (x - mean) / std in float32 from the table's closed form
-//               (NormFormula), 14-value runs permuted out of the RGB bytes and stored with masks into a
-//               merge window staged in L1, streamed out with non-temporal stores; used only when the
-//               formula reproduces all 768 table entries bit for bit, else table lookups.
+//   store       AVX-512 VBMI: values computed from the table's closed form, written straight into merge-window
+//               order (crop_resize_patchify_store.cpp), used only where it equals the table bit for bit.
+// Plans (taps, weights, permute indices) are cached by (mode, in, out) (cached_plan), scratch buffers are
+// per thread and kept across calls: 8 crops of 1280x720 frames went from ~2.2 to ~1.65 ms of kernel CPU time.
 // Page faults: the output buffer's interior is madvise(MADV_HUGEPAGE)d before it is first written (see
 // advise_huge_pages): a fresh 54 MB buffer costs ~26 ms of faults with 4 KiB pages on this VM, ~2-4 ms with 2 MiB.
 // Exactness: the arithmetic is PIL's / ATen's own (csrc/include/crop_resize_patchify.h): uint8 results
 // between the two passes, integer fixed point, so outputs equal the oracles bit for bit.
-// Parallelism: OpenMP over tasks (item, temporal patch, window rows), dynamic schedule; a task is a whole
-// temporal slice when there are enough of them (videos), else one 28-row window row (a few images). Threads
-// come from omp_get_max_threads() (torch.set_num_threads sets it too). On a machine loaded beyond its core
-// count, libgomp's spin-waiting threads make 2 threads slower than 1.
+// Parallelism: tasks (item, temporal patch, window rows) on run_tasks (crop_resize_patchify_pool.cpp: the
+// caller plus helper threads that join when they wake; no end-of-loop barrier, no spin-waiting: the caller waits
+// only for tasks a helper has already claimed, never for a helper the OS has not scheduled yet). A task is a
+// whole temporal slice when there are enough of them (videos), else one 28-row window row (a few images).
+// Threads: omp_get_max_threads() (torch.set_num_threads sets it too).
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -51,6 +57,8 @@
 #endif
 
 #include "crop_resize_patchify.h"
+#include "crop_resize_patchify_pool.h"
+#include "crop_resize_patchify_store.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 conversion intrinsics start from _mm512_undefined_*(): a known false "may be used
@@ -216,6 +224,8 @@ struct HPlan : AxisPlan {
   bool simd = false, split = false;  // simd: every group fits its window (else the transposing loop runs)
   int groups = 0, pairs = 0;
   std::vector<int32_t> start;                 // window start byte of each group
+  std::vector<int32_t> group_pairs;           // tap pairs the group's widest output needs (<= pairs: `taps` is
+                                              // an upper bound, most outputs have 1-2 taps fewer)
   std::vector<uint8_t> idx;                   // (groups, pairs, 64) permute indices
   std::vector<int32_t> wlo, whi;              // (groups, pairs, 16) weight pairs (lo / hi halves when split)
 };
@@ -231,6 +241,7 @@ static HPlan make_hplan(int mode, int in, int out) {
   h.groups = (out_bytes + 15) / 16;
   h.pairs = (h.taps + 1) / 2;
   h.start.resize(h.groups);
+  h.group_pairs.assign(h.groups, 0);
   h.idx.assign((size_t)h.groups * h.pairs * 64, 0);
   h.wlo.assign((size_t)h.groups * h.pairs * 16, 0);
   h.whi.assign(h.wlo.size(), 0);
@@ -239,6 +250,7 @@ static HPlan make_hplan(int mode, int in, int out) {
     h.start[g] = ws;
     for (int k = 0; k < 16 && 16 * g + k < out_bytes; ++k) {
       const int b = 16 * g + k, ox = b / 3, c = b % 3;
+      h.group_pairs[g] = std::max(h.group_pairs[g], (h.size[ox] + 1) / 2);
       for (int j = 0; j < h.size[ox]; ++j) {
         const int at = 3 * (h.first[ox] + j) + c - ws;
         if (at < 0 || at >= 128) {  // window too wide (strong downscale): the transposing loop runs
@@ -256,6 +268,26 @@ static HPlan make_hplan(int mode, int in, int out) {
   }
   h.simd = true;
   return h;
+}
+
+// Plans depend only on (mode, in, out): every frame of a video, and crops or frames of equal sizes, share them.
+// Building the two plans of a 1280x720 -> 420x224 crop costs ~0.06 ms, about a tenth of its whole resize, so
+// recent ones are kept (a small map, emptied when full; plans are immutable and shared by pointer).
+template <typename Plan>
+static std::shared_ptr<const Plan> cached_plan(int mode, int in, int out, Plan (*make)(int, int, int)) {
+  static std::mutex mu;
+  static std::unordered_map<uint64_t, std::shared_ptr<const Plan>> plans;
+  const uint64_t key = ((uint64_t)mode << 62) | ((uint64_t)(uint32_t)in << 31) | (uint32_t)out;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto hit = plans.find(key);
+    if (hit != plans.end()) return hit->second;
+  }
+  auto plan = std::make_shared<const Plan>(make(mode, in, out));
+  std::lock_guard<std::mutex> lock(mu);
+  if (plans.size() >= 128) plans.clear();
+  plans.emplace(key, plan);
+  return plan;
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -289,7 +321,7 @@ VCF_VBMI static void hpass_rows_vbmi(const uint8_t* src, int64_t stride, int nro
         acch[k] = zero;
       }
       const size_t q0 = (size_t)g * p.pairs;
-      for (int q = 0; q < p.pairs; ++q) {
+      for (int q = 0; q < p.group_pairs[g]; ++q) {
         const __m512i idx = _mm512_loadu_si512(p.idx.data() + (q0 + q) * 64);
         const __m512i wl = _mm512_loadu_si512(p.wlo.data() + (q0 + q) * 16);
         const __m512i wh = kSplit ? _mm512_loadu_si512(p.whi.data() + (q0 + q) * 16) : zero;
@@ -469,6 +501,7 @@ struct HRows {
 };
 
 struct Scratch {
+  uint64_t call = 0;  // the kernel call hcache belongs to
   std::vector<uint8_t> hrows, band[2], tin, tout;
   HRows hcache[2];  // one per temporal slot
   std::vector<int32_t> acc;
@@ -565,155 +598,16 @@ void write_window_row(const uint8_t* band0, const uint8_t* band1, int out_w, int
       }
 }
 
-// --- the same step computed instead of looked up (AVX-512 VBMI) -----------------------------------------------
-// Each 14-value run of a patch row is one channel of 14 consecutive pixels: one masked 42-byte load holds all
-// three channels, one byte permute per channel spreads that channel's 14 bytes into zero-extended int32 lanes,
-// then float32 convert / subtract / divide (the processors' own operations, in their order) and one masked
-// store of 14 values straight into the patch row. ~19 instructions per 42 values instead of ~4 per value, and
-// no channel-planar staging copy. Used only when NormFormula reproduces the lookup table (checked per call).
-enum StoreKind : int { kStoreTable = 0, kStoreF32 = 1, kStoreBf16 = 2, kStoreF16 = 3 };
-
-#if defined(__GNUC__) && defined(__x86_64__)
-
-struct NormVec {
-  __m512 mean[3], std[3];
-  __m512d scale;
-  int kind;
-};
-
-VCF_VBMI static inline NormVec norm_vec(const NormFormula& f) {
-  NormVec n;
-  for (int c = 0; c < 3; ++c) {
-    n.mean[c] = _mm512_set1_ps(f.mean[c]);
-    n.std[c] = _mm512_set1_ps(f.std[c]);
-  }
-  n.scale = _mm512_set1_pd(f.scale);
-  n.kind = f.kind;
-  return n;
-}
-
-// 16 uint8 levels (zero-extended int32 lanes) of channel c -> normalised float32, the formula's exact ops.
-VCF_VBMI static inline __m512 normalize16(__m512i v, int c, const NormVec& n) {
-  __m512 x;
-  if (n.kind == 1) {
-    x = _mm512_cvtepi32_ps(v);  // exact: levels are small integers
-  } else {
-    const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(v)), n.scale));
-    const __m256 hi = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(v, 1)), n.scale));
-    x = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
-  }
-  return _mm512_div_ps(_mm512_sub_ps(x, n.mean[c]), n.std[c]);
-}
-
-// float32 -> bf16 rounded to nearest even (torch's .to(bfloat16) for finite values) / fp16 (F16C rounding).
-template <int K>
-VCF_VBMI static inline void store14(void* dst, __m512 y) {
-  if constexpr (K == kStoreF32) {
-    _mm512_mask_storeu_ps(dst, 0x3FFF, y);
-  } else if constexpr (K == kStoreBf16) {
-    const __m512i b = _mm512_castps_si512(y);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    _mm256_mask_storeu_epi16(dst, 0x3FFF, _mm512_cvtepi32_epi16(r));
-  } else {
-    _mm256_mask_storeu_epi16(dst, 0x3FFF, _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-}
-
-// Byte permutes that put channel c of 14 RGB pixels into byte 0 of int32 lanes 0..13 (other bytes zeroed by
-// the mask).
-VCF_VBMI static inline __m512i channel_index(int c) {
-  alignas(64) uint8_t idx[64] = {};
-  for (int k = 0; k < 16; ++k) idx[4 * k] = (uint8_t)(c + 3 * std::min(k, kPatch - 1));
-  return _mm512_load_si512(idx);
-}
-constexpr __mmask64 kLane0Bytes = 0x1111111111111111ULL;
-
-template <int K>
-VCF_VBMI static void write_window_row_vbmi(const uint8_t* band0, const uint8_t* band1, int out_w, int wy,
-                                           const NormVec& n, void* out_v) {
-  using T = std::conditional_t<K == kStoreF32, uint32_t, uint16_t>;
-  T* out = static_cast<T*>(out_v);
-  const int gw = out_w / kPatch;
-  const size_t width = (size_t)3 * out_w;
-  const __mmask64 pixels14 = (1ULL << (3 * kPatch)) - 1;  // 42 bytes: never reads past the row
-  const __m512i perm[3] = {channel_index(0), channel_index(1), channel_index(2)};
-  const bool image = band1 == band0;  // one frame fills both temporal slots: compute once, store twice
-  // A merge window's 4 patch rows are contiguous in the output (4 x 1176 values, a whole number of cache lines):
-  // build them in L1, then stream them out with non-temporal stores, which skip the read-for-ownership of
-  // output lines that ordinary stores pay (the output is far larger than the caches and not re-read here).
-  constexpr int kWinVals = kMerge * kMerge * kPatchDim;
-  alignas(64) T stage[kWinVals];
-  constexpr int kLines = (int)(kWinVals * sizeof(T) / 64);
-  static_assert(kWinVals * sizeof(T) % 64 == 0, "window rows are whole cache lines");
-  for (int wx = 0; wx < gw / kMerge; ++wx) {
-    T* win = out + patch_row(wy, wx, 0, 0, gw) * kPatchDim;
-    for (int my = 0; my < kMerge; ++my)
-      for (int mx = 0; mx < kMerge; ++mx) {
-        T* row = stage + (my * kMerge + mx) * kPatchDim;
-        const size_t x0 = (size_t)3 * (wx * kWindow + mx * kPatch) + (size_t)my * kPatch * width;
-        for (int t = 0; t < (image ? 1 : kTemporal); ++t) {
-          const uint8_t* b = (t ? band1 : band0) + x0;
-          for (int y = 0; y < kPatch; ++y) {
-            const __m512i v = _mm512_maskz_loadu_epi8(pixels14, b + y * width);
-            for (int c = 0; c < 3; ++c) {
-              const __m512 r = normalize16(_mm512_maskz_permutexvar_epi8(kLane0Bytes, perm[c], v), c, n);
-              store14<K>(row + patch_col(c, t, y, 0), r);
-              if (image) store14<K>(row + patch_col(c, 1, y, 0), r);
-            }
-          }
-        }
-      }
-    if (((uintptr_t)win & 63) == 0) {
-      for (int l = 0; l < kLines; ++l)
-        _mm512_stream_si512((__m512i*)win + l, _mm512_load_si512((const __m512i*)stage + l));
-    } else {
-      std::memcpy(win, stage, sizeof(stage));
-    }
-  }
-  _mm_sfence();  // streamed stores are weakly ordered: make them visible before the task ends
-}
-
-// Which store the formula supports for this table: all 768 levels through the SIMD code, compared bit for bit.
-template <int K>
-VCF_VBMI static bool formula_matches(const NormFormula& f, const void* lut) {
-  using T = std::conditional_t<K == kStoreF32, uint32_t, uint16_t>;
-  const NormVec n = norm_vec(f);
-  alignas(64) T got[16];
-  for (int c = 0; c < 3; ++c)
-    for (int v0 = 0; v0 < 256; v0 += 16) {
-      const __m512i v = _mm512_add_epi32(_mm512_set1_epi32(v0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
-                                                                                   11, 12, 13, 14, 15));
-      store14<K>(got, normalize16(v, c, n));
-      store14<K>(got + 2, normalize16(_mm512_add_epi32(v, _mm512_set1_epi32(2)), c, n));  // lanes 14, 15
-      if (std::memcmp(got, static_cast<const T*>(lut) + c * 256 + v0, sizeof(got)) != 0) return false;
-    }
-  return true;
-}
-#endif
-
-static int choose_store(const void* lut, int elem_size, const NormFormula* f) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  if (f == nullptr || (f->kind != 1 && f->kind != 2) || !g_simd || !have_avx512_vbmi()) return kStoreTable;
-  if (elem_size == 4) return formula_matches<kStoreF32>(*f, lut) ? kStoreF32 : kStoreTable;
-  if (formula_matches<kStoreBf16>(*f, lut)) return kStoreBf16;
-  if (formula_matches<kStoreF16>(*f, lut)) return kStoreF16;
-#else
-  (void)lut, (void)elem_size, (void)f;
-#endif
-  return kStoreTable;
-}
-
 template <typename T>
 void run(const std::vector<MediaItem>& items, const T* lut, T* out, int store, const NormFormula* formula) {
-  std::vector<HPlan> ph(items.size());
-  std::vector<AxisPlan> pv(items.size());
+  std::vector<std::shared_ptr<const HPlan>> ph(items.size());
+  std::vector<std::shared_ptr<const AxisPlan>> pv(items.size());
   int64_t num_slices = 0;  // (item, temporal patch) pairs
   bool all_videos = true;
   for (size_t i = 0; i < items.size(); ++i) {
     all_videos = all_videos && items[i].num_frames > 1;
-    ph[i] = make_hplan(items[i].mode, items[i].in_w, items[i].out_w);
-    pv[i] = make_axis_plan(items[i].mode, items[i].in_h, items[i].out_h);
+    ph[i] = cached_plan(items[i].mode, items[i].in_w, items[i].out_w, make_hplan);
+    pv[i] = cached_plan(items[i].mode, items[i].in_h, items[i].out_h, make_axis_plan);
     num_slices += (items[i].num_frames + kTemporal - 1) / kTemporal;
   }
 #ifdef _OPENMP
@@ -736,44 +630,37 @@ void run(const std::vector<MediaItem>& items, const T* lut, T* out, int store, c
     }
   }
   const int64_t num_tasks = (int64_t)tasks.size();
-#if defined(__GNUC__) && defined(__x86_64__)
-  NormVec norm;
-  if (store != kStoreTable) norm = norm_vec(*formula);
-#else
-  (void)formula;
-#endif
-#pragma omp parallel
-  {
-    Scratch s;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t k = 0; k < num_tasks; ++k) {
-      const Task& task = tasks[k];
-      const MediaItem& it = items[task.item];
-      const int width = it.out_w * 3;
-      const int gh = it.out_h / kPatch, gw = it.out_w / kPatch;
-      s.band[0].resize((size_t)kWindow * width);
-      s.band[1].resize((size_t)kWindow * width);
-      const int f0 = source_frame(task.p, 0, it.num_frames), f1 = source_frame(task.p, 1, it.num_frames);
-      T* slice = out + (it.row_offset + (int64_t)task.p * gh * gw) * kPatchDim;
-      // window row by window row: resize both frames' 28 rows, then write them while they are in L1/L2
-      for (int wy = task.wy0; wy < task.wy1; ++wy) {
-        const uint8_t* w0 = s.band[0].data();
-        const uint8_t* w1 = w0;
-        resize_band(it, ph[task.item], pv[task.item], f0, wy * kWindow, kWindow, s, 0, s.band[0].data());
-        if (f1 != f0) {
-          resize_band(it, ph[task.item], pv[task.item], f1, wy * kWindow, kWindow, s, 1, s.band[1].data());
-          w1 = s.band[1].data();
-        }
-#if defined(__GNUC__) && defined(__x86_64__)
-        if (store == kStoreF32) write_window_row_vbmi<kStoreF32>(w0, w1, it.out_w, wy, norm, slice);
-        else if (store == kStoreBf16) write_window_row_vbmi<kStoreBf16>(w0, w1, it.out_w, wy, norm, slice);
-        else if (store == kStoreF16) write_window_row_vbmi<kStoreF16>(w0, w1, it.out_w, wy, norm, slice);
-        else
-#endif
-          write_window_row<T>(w0, w1, it.out_w, wy, lut, slice, s.planes<T>());
-      }
+  // Scratch buffers live as long as their thread (no allocation per call); the horizontal-row caches are
+  // only valid within one call (they hold item pointers).
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = ++calls;
+  run_tasks(num_tasks, threads, [&](int64_t k) {
+    thread_local Scratch s;
+    if (s.call != call) {
+      s.call = call;
+      for (HRows& h : s.hcache) h.item = nullptr;
     }
-  }
+    const Task& task = tasks[k];
+    const MediaItem& it = items[task.item];
+    const int width = it.out_w * 3;
+    const int gh = it.out_h / kPatch, gw = it.out_w / kPatch;
+    s.band[0].resize((size_t)kWindow * width);
+    s.band[1].resize((size_t)kWindow * width);
+    const int f0 = source_frame(task.p, 0, it.num_frames), f1 = source_frame(task.p, 1, it.num_frames);
+    T* slice = out + (it.row_offset + (int64_t)task.p * gh * gw) * kPatchDim;
+    // window row by window row: resize both frames' 28 rows, then write them while they are in L1/L2
+    for (int wy = task.wy0; wy < task.wy1; ++wy) {
+      const uint8_t* w0 = s.band[0].data();
+      const uint8_t* w1 = w0;
+      resize_band(it, *ph[task.item], *pv[task.item], f0, wy * kWindow, kWindow, s, 0, s.band[0].data());
+      if (f1 != f0) {
+        resize_band(it, *ph[task.item], *pv[task.item], f1, wy * kWindow, kWindow, s, 1, s.band[1].data());
+        w1 = s.band[1].data();
+      }
+      if (store != kStoreTable) write_window_row_simd(store, w0, w1, it.out_w, wy, *formula, slice);
+      else write_window_row<T>(w0, w1, it.out_w, wy, lut, slice, s.planes<T>());
+    }
+  });
 }
 
 }  // namespace
@@ -798,7 +685,7 @@ void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* l
   int64_t rows = 0;
   for (const MediaItem& it : items) rows += item_rows(it);
   advise_huge_pages(out, (size_t)rows * kPatchDim * elem_size);
-  const int store = choose_store(lut, elem_size, formula);
+  const int store = choose_store(lut, elem_size, formula, g_simd && have_avx512_vbmi());
   if (elem_size == 4)  // float32 bits
     run<uint32_t>(items, static_cast<const uint32_t*>(lut), static_cast<uint32_t*>(out), store, formula);
   else  // bf16 / fp16 bits
@@ -807,7 +694,7 @@ void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* l
 
 const char* cpu_store_kind(const void* lut, int elem_size, const NormFormula* formula) {
   static const char* const names[] = {"table", "f32", "bf16", "f16"};
-  return names[choose_store(lut, elem_size, formula)];
+  return names[choose_store(lut, elem_size, formula, g_simd && have_avx512_vbmi())];
 }
 
 void resize_uint8_cpu(const uint8_t* src, int64_t row_stride, int in_h, int in_w, int out_h, int out_w,
