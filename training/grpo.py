@@ -327,7 +327,7 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "grpo_config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
-    bar = sft._progress(SimpleNamespace(progress=cfg.progress), dist, cfg.max_steps, start_step)
+    bar = sft._progress(SimpleNamespace(progress=cfg.progress), dist, cfg.max_steps, start_step, desc="grpo")
     history = []
     for step in range(start_step, cfg.max_steps):
         rec = train_step(step, policy, ref, rollout, optimizer, scheduler, engine, samples, cfg, dist)

@@ -388,12 +388,12 @@ def _deepspeed(model, optimizer, scheduler, cfg: SFTConfig):
     return engine, optimizer, scheduler
 
 
-def _progress(cfg, dist, total, initial):
+def _progress(cfg, dist, total, initial, desc: str = "sft"):
     if not (cfg.progress and dist.is_main):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="sft", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
 # --- CLI -------------------------------------------------------------------------------------------
