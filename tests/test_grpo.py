@@ -1,7 +1,7 @@
 """The GRPO trainer on the real rollout engine and a tiny Qwen2.5-VL: the update moves probability toward
 rewarded episodes (scripted through the engine's forced-rounds hook), micro-batching gives the same
-gradients as one batch for every loss type, resume continues exactly, and 2 processes (DeepSpeed ZeRO-2,
-gloo) run a step end to end."""
+gradients as one batch for every loss type, resume continues exactly, a LoRA policy's reference is its base
+weights, and 2 processes (DeepSpeed ZeRO-2 and ZeRO-3, gloo) run a step end to end."""
 import copy
 import json
 import os
@@ -191,13 +191,40 @@ def test_resume_continues_exactly(world, tmp_path, reward_module):
     assert [r["step"] for r in rows] == [1, 2, 3, 3]          # appended after the resume
 
 
+def test_lora_reference_is_the_base_model_with_the_adapter_off(world, tmp_path):
+    """ref_model "auto" with LoRA: no frozen copy; the reference forward is the policy with its adapter disabled,
+    i.e. exactly the base weights, while the policy itself (adapter on) differs from them."""
+    pytest.importorskip("peft")
+    from videocom_fast.models import load
+    from videocom_fast.training.grpo import build_models, reference_weights
+    cfg = _run_cfg(world, tmp_path / "lora", lora={"r": 4, "alpha": 8})
+    policy, ref, _ = build_models(cfg, "cpu")
+    assert ref is None
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:                   # peft starts B at zero: make the adapter do something
+                p.normal_(0, 0.5)
+    base, proc = load(world.model, dtype=torch.float32)
+    ids = torch.randint(0, 200, (1, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        with reference_weights(policy, ref) as m:
+            got = m(input_ids=ids).logits
+        adapted = policy(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (adapted - want).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="adapter_off"):
+        _check_config(_run_cfg(world, tmp_path / "x", ref_model="adapter_off"))
+
+
 @pytest.mark.slow
-def test_two_processes_deepspeed_zero2(world, tmp_path, reward_module):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_deepspeed_zero(world, tmp_path, reward_module, stage):
     pytest.importorskip("deepspeed")
-    ds = tmp_path / "zero2.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}))
+    ds = tmp_path / f"zero{stage}.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": stage}, "bf16": {"enabled": False}}))
     out = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29611 + stage),
            "-m", "videocom_fast.training.grpo", f"model={world.model}", f"data={world.grpo}", f"output_dir={out}",
            f"media={json.dumps(MEDIA)}", "max_steps=1", "prompts_per_step=1", "num_generations=4", "max_rounds=2",
            "max_new_tokens=12", "lr=1e-3", "micro_batch=2", "tensorboard=false", "progress=false",
