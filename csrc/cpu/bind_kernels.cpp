@@ -27,6 +27,31 @@ void check_rgb_u8(const py::array& a, const std::string& name, int ndim) {
   for (int d = 0; d < ndim; ++d) VCF_CHECK(a.strides(d) >= 0, name + ": negative strides are not supported");
 }
 
+// One media item of a launch, after the checks that name its index (shared by the CPU and CUDA bindings).
+vcf::MediaItem checked_item(size_t i, const uint8_t* base, int t, int h, int w, int64_t frame_stride,
+                            int64_t row_stride, const std::tuple<int, int, int, int>& box,
+                            const std::tuple<int, int>& size, int mode, int64_t row_offset) {
+  auto [x1, y1, x2, y2] = box;
+  auto [oh, ow] = size;
+  VCF_CHECK(t >= 1, at("frames", i) + ": no frames");
+  VCF_CHECK(0 <= x1 && x1 < x2 && x2 <= w && 0 <= y1 && y1 < y2 && y2 <= h, at("boxes", i) + ": empty or outside the frame");
+  VCF_CHECK(oh > 0 && ow > 0 && oh % vcf::kWindow == 0 && ow % vcf::kWindow == 0,
+            at("sizes", i) + ": output sides must be positive multiples of 28");
+  VCF_CHECK(mode == vcf::kPil || mode == vcf::kTorch, at("modes", i) + ": expected 0 (pil) or 1 (torch)");
+  vcf::MediaItem it;
+  it.src = base + y1 * row_stride + x1 * 3;
+  it.frame_stride = frame_stride;
+  it.row_stride = row_stride;
+  it.num_frames = t;
+  it.in_h = y2 - y1;
+  it.in_w = x2 - x1;
+  it.out_h = oh;
+  it.out_w = ow;
+  it.mode = mode;
+  it.row_offset = row_offset;
+  return it;
+}
+
 // Fused crop -> resize -> normalize -> patchify of many items into one pixel_values buffer (one launch).
 // norm: optional closed form of `lut` (kind, scale, mean[3], std[3]); see vcf::NormFormula. The kernel uses it
 // only where it reproduces the table bit for bit, so a wrong formula costs speed, never exactness.
@@ -53,26 +78,9 @@ void crop_resize_patchify(const std::vector<py::array>& frames, const std::vecto
   for (size_t i = 0; i < n; ++i) {
     const py::array& f = frames[i];
     check_rgb_u8(f, at("frames", i), 4);
-    auto [x1, y1, x2, y2] = boxes[i];
-    auto [oh, ow] = sizes[i];
-    VCF_CHECK(f.shape(0) >= 1, at("frames", i) + ": no frames");
-    VCF_CHECK(0 <= x1 && x1 < x2 && x2 <= f.shape(2) && 0 <= y1 && y1 < y2 && y2 <= f.shape(1),
-              at("boxes", i) + ": empty or outside the frame");
-    VCF_CHECK(oh > 0 && ow > 0 && oh % vcf::kWindow == 0 && ow % vcf::kWindow == 0,
-              at("sizes", i) + ": output sides must be positive multiples of 28");
-    VCF_CHECK(modes[i] == vcf::kPil || modes[i] == vcf::kTorch, at("modes", i) + ": expected 0 (pil) or 1 (torch)");
-    vcf::MediaItem& it = items[i];
-    it.src = static_cast<const uint8_t*>(f.data()) + y1 * f.strides(1) + x1 * 3;
-    it.frame_stride = f.strides(0);
-    it.row_stride = f.strides(1);
-    it.num_frames = (int)f.shape(0);
-    it.in_h = y2 - y1;
-    it.in_w = x2 - x1;
-    it.out_h = oh;
-    it.out_w = ow;
-    it.mode = modes[i];
-    it.row_offset = rows;
-    rows += vcf::item_rows(it);
+    items[i] = checked_item(i, static_cast<const uint8_t*>(f.data()), (int)f.shape(0), (int)f.shape(1),
+                            (int)f.shape(2), f.strides(0), f.strides(1), boxes[i], sizes[i], modes[i], rows);
+    rows += vcf::item_rows(items[i]);
   }
   VCF_CHECK(out.shape(0) == rows, "out: expected " + std::to_string(rows) + " rows, got " + std::to_string(out.shape(0)));
   const vcf::NormFormula formula = norm_formula(norm);
@@ -144,24 +152,9 @@ void crop_resize_patchify_cuda(const std::vector<std::tuple<intptr_t, int, int, 
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     auto [ptr, t, h, w, fs, rs] = frames[i];
-    auto [x1, y1, x2, y2] = boxes[i];
-    auto [oh, ow] = sizes[i];
-    VCF_CHECK(0 <= x1 && x1 < x2 && x2 <= w && 0 <= y1 && y1 < y2 && y2 <= h, at("boxes", i) + ": empty or outside the frame");
-    VCF_CHECK(oh > 0 && ow > 0 && oh % vcf::kWindow == 0 && ow % vcf::kWindow == 0,
-              at("sizes", i) + ": output sides must be positive multiples of 28");
-    VCF_CHECK(modes[i] == vcf::kPil || modes[i] == vcf::kTorch, at("modes", i) + ": expected 0 (pil) or 1 (torch)");
-    vcf::MediaItem& it = items[i];
-    it.src = reinterpret_cast<const uint8_t*>(ptr) + y1 * rs + x1 * 3;
-    it.frame_stride = fs;
-    it.row_stride = rs;
-    it.num_frames = t;
-    it.in_h = y2 - y1;
-    it.in_w = x2 - x1;
-    it.out_h = oh;
-    it.out_w = ow;
-    it.mode = modes[i];
-    it.row_offset = total;
-    total += vcf::item_rows(it);
+    items[i] = checked_item(i, reinterpret_cast<const uint8_t*>(ptr), t, h, w, fs, rs, boxes[i], sizes[i], modes[i],
+                            total);
+    total += vcf::item_rows(items[i]);
   }
   VCF_CHECK(total == rows, "rows: expected " + std::to_string(total) + ", got " + std::to_string(rows));
   vcf::crop_resize_patchify_cuda(items, reinterpret_cast<const void*>(lut), reinterpret_cast<void*>(out), rows,
