@@ -113,6 +113,11 @@ def _cpp_args(L=3, Hq=4, Hkv=2, D=8, NB=6, BS=4):
     (dict(q_start="i32"), "q_start: wrong dtype"),
     (dict(table_off=[0]), "lengths differ"),
     (dict(q="2d"), "q: expected"),
+    (dict(v_pool="short"), "shapes differ"),
+    (dict(k_pool="strided", v_pool="strided"), "must be contiguous"),
+    (dict(out="short"), "out: shape must equal q's"),
+    (dict(q="3heads", out="3heads"), "multiple of kv heads"),
+    (dict(q="strided_d"), "head dim must be contiguous"),
 ])
 def test_cpp_paged_attention_rejects_bad_buffers(change, match):
     """Every bad buffer is a ValueError naming it (never a read outside the pool)."""
@@ -126,6 +131,14 @@ def test_cpp_paged_attention_rejects_bad_buffers(change, match):
             a[name] = a[name].astype(np.int32)
         elif v == "2d":
             a[name] = a[name][0]
+        elif v == "short":
+            a[name] = a[name][:-1]
+        elif v == "strided":
+            a[name] = np.repeat(a[name], 2, axis=0)[::2]
+        elif v == "3heads":
+            a[name] = np.ascontiguousarray(a[name][:, :3])
+        elif v == "strided_d":
+            a[name] = np.repeat(a[name], 2, axis=2)[:, :, ::2]
         else:
             a[name] = np.array(v, dtype=a[name].dtype)
     with pytest.raises(ValueError, match=match):
