@@ -140,22 +140,26 @@ def paged_attention(module, query, key, value, attention_mask, *, scaling=None, 
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    layer = module.layer_idx
+    return attend(query[0].transpose(0, 1), module.layer_idx, paged, scaling)[None], None
+
+
+def attend(q_LHD, layer: int, paged: PagedBatch, scaling=None) -> torch.Tensor:
+    """Causal attention of the step's packed queries (L, Hq, D), after RoPE, to the pool's rows of `layer`
+    (the step's own K/V already written there); returns (L, Hq, D). Shared by the transformers hook above
+    and the engine's packed forward (packed_forward.py)."""
     pool = paged.pool
     kp, vp = pool.k[layer], pool.v[layer]
+    scaling = scaling if scaling is not None else q_LHD.shape[-1] ** -0.5
     if paged.backend == "flash":
         from flash_attn import flash_attn_varlen_func
-        cu_q, cu_k, max_q, max_k, table = paged.flash_meta(query.device)
-        out = flash_attn_varlen_func(query[0].transpose(0, 1), kp, vp, cu_q, cu_k, max_q, max_k,
-                                     softmax_scale=scaling, causal=True, block_table=table)
-        return out[None], None
-    q_LHD = query[0].transpose(0, 1)                       # (L, Hq, D)
-    out_LHD = torch.empty(q_LHD.shape, dtype=query.dtype, device=query.device)
+        cu_q, cu_k, max_q, max_k, table = paged.flash_meta(q_LHD.device)
+        return flash_attn_varlen_func(q_LHD, kp, vp, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True,
+                                      block_table=table)
+    out_LHD = torch.empty(q_LHD.shape, dtype=q_LHD.dtype, device=q_LHD.device)
     if paged.cpp_chunks:
         from videocom_fast import _C
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        _C.paged_attention(q_LHD.numpy(), kp.numpy(), vp.numpy(), out_LHD.numpy(), *paged.cpp_meta(), scale)
-    for rows, table, mask in (paged.decode_meta(query.device) if paged.decode_chunks else ()):
+        _C.paged_attention(q_LHD.numpy(), kp.numpy(), vp.numpy(), out_LHD.numpy(), *paged.cpp_meta(), scaling)
+    for rows, table, mask in (paged.decode_meta(q_LHD.device) if paged.decode_chunks else ()):
         Nd, maxb = table.shape
         # index_select of whole blocks on the flat table: ~4x faster than advanced indexing kp[table] on CPU
         flat = table.view(-1)
@@ -178,7 +182,7 @@ def paged_attention(module, query, key, value, attention_mask, *, scaling=None, 
             mask = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
             o = _sdpa(q, k, v, mask, scaling)
         out_LHD[qs:qs + n] = o[0].transpose(0, 1)
-    return out_LHD[None], None
+    return out_LHD
 
 
 _registered = False

@@ -43,6 +43,7 @@ from ..chat import ChatTokens, num_media_tokens
 from ..mrope import MRopeCursor
 from ..protocol import parse_action
 from . import attention as attn
+from . import packed_forward
 from .kv_cache import PagedKVPool, StepCache
 from .media_inputs import preprocess_items
 from .sampling import SamplingParams, rollout_generator, sample
@@ -139,7 +140,7 @@ class RolloutEngine:
                  max_batch_tokens: int = 4096, kv_budget_tokens: int | None = None, block_size: int = 16,
                  media_config=None, frame_cache=None, dtype=None, attention: str = "auto",
                  max_num_seqs: int = 256, scheduler_impl: str = "auto", num_workers: int = 1,
-                 env_factory=None, forced_rounds=None):
+                 text_forward: str = "auto", env_factory=None, forced_rounds=None):
         for name, v, low in (("max_rounds", max_rounds, 1), ("max_new_tokens", max_new_tokens, 1),
                              ("max_batch_tokens", max_batch_tokens, 1), ("block_size", block_size, 1),
                              ("max_num_seqs", max_num_seqs, 1), ("num_workers", num_workers, 1)):
@@ -181,6 +182,10 @@ class RolloutEngine:
                              "videocom_fast._C extension")
         self.attn_backend = ("flash" if flash_ok and choice in ("auto", "flash") else
                              "cpp" if cpp_ok and choice in ("auto", "cpp") else "sdpa")
+        if text_forward not in ("auto", "packed", "transformers"):
+            raise ValueError(f"RolloutEngine: text_forward must be 'auto', 'packed' or 'transformers', "
+                             f"got {text_forward!r}")
+        self.text_forward = text_forward
         c = self.chat
         self.suppress_ids = torch.tensor([c.vision_start, c.vision_end, c.image_pad, c.video_pad, c.im_start],
                                          device=self.device)
@@ -205,6 +210,7 @@ class RolloutEngine:
                           vision_cache_hits=0, vision_cache_misses=0, wall_s=0.0, model_s=0.0, vision_s=0.0,
                           env_s=0.0, env_wait_s=0.0, steps=0, preemptions=0, kv_budget_finishes=0, rounds=0)
         t0 = time.perf_counter()
+        self.packed = self._packed_forward()
         prev_attn = modeling.inner(self.model).language_model.config._attn_implementation
         self.model.set_attn_implementation({"text_config": attn.register()})
         try:
@@ -221,6 +227,18 @@ class RolloutEngine:
         st["scheduler"] = self.sched.stats()
         self.sched = None
         return self.results
+
+    def _packed_forward(self):
+        """The packed text forward when the model allows it (checked per call: hooks and adapters come and
+        go), else None (transformers' forward with the registered paged attention)."""
+        if self.text_forward == "transformers":
+            return None
+        reason = packed_forward.supports(self.model)
+        if reason is None:
+            return packed_forward.PackedForward(self.model)
+        if self.text_forward == "packed":
+            raise ValueError(f"RolloutEngine: text_forward='packed' cannot run this model ({reason})")
+        return None
 
     # --- main loop ------------------------------------------------------------------------------------
 
@@ -418,15 +436,19 @@ class RolloutEngine:
             x_LD[row:row + n] = emb[src:src + n].to(x_LD.dtype)
         pos_3L = torch.from_numpy(np.concatenate(pos, axis=1)).to(self.device)
         meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
-        cache = StepCache(self.pool, torch.tensor(slots, device=self.device))
-        hidden = modeling.text_forward(self.model, x_LD[None], pos_3L[:, None, :], past_key_values=cache,
-                                       attention_mask={"full_attention": None, "sliding_attention": None},
-                                       paged=meta)
+        slots_L = torch.tensor(slots, device=self.device)
+        if self.packed is not None:
+            hidden_LD = self.packed(x_LD, pos_3L, slots_L, meta)
+        else:
+            hidden_LD = modeling.text_forward(self.model, x_LD[None], pos_3L[:, None, :],
+                                              past_key_values=StepCache(self.pool, slots_L),
+                                              attention_mask={"full_attention": None, "sliding_attention": None},
+                                              paged=meta)[0]
         sampling = [(c, q_starts[i] + c.num_tokens - 1) for i, c in enumerate(chunks) if c.samples]
         logits_NV = None
         if sampling:
             rows = torch.tensor([r for _, r in sampling], device=self.device)
-            logits_NV = modeling.lm_head(self.model)(hidden[0].index_select(0, rows)).float()
+            logits_NV = modeling.lm_head(self.model)(hidden_LD.index_select(0, rows)).float()
         self.stats["model_s"] += time.perf_counter() - t0
         self.stats["steps"] += 1
         for c in chunks:

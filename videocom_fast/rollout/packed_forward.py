@@ -1,0 +1,128 @@
+"""The engine's text forward: Qwen2/2.5-VL's decoder as a dozen tensor ops over one packed step.
+
+Legend: L packed tokens of the step (B = 1), D hidden, Hq/Hkv query/key-value heads, Dh head dim, F MLP width.
+
+Why: on the tiny model, transformers' module machinery (hooks, kwargs plumbing, mask and cache objects,
+per-call rotary recomputation in 3 x B x L layout) cost ~3x the arithmetic of a step (measured: 13 ms per
+300-token step through `language_model(...)`, of which ~1.5 ms are the linear layers). vLLM and gpt-fast
+own their model code for the same reason. This one owns no weights: it reads the model's own parameters
+at every call, so a policy updated in place by the optimizer is what the next rollout runs.
+
+Per layer, with the step's K/V rows scattered into the paged pool before attention:
+    h = rms(x) ; q, k, v = h Wq + bq, h Wk + bk, h Wv + bv ; q, k = rope(q), rope(k)
+    pool[slots] = k, v ; x = x + attend(q) Wo ; x = x + (silu(rms(x) Wg) * (rms(x) Wu)) Wd
+M-RoPE: frequency j of a head uses position row sel[j] (temporal / height / width by `mrope_section`), so
+cos/sin are computed once per step as (L, Dh) from the (3, L) positions -- the same float32 products as
+transformers' rotary module (then cast to the model dtype), so the two paths agree to rounding of the final
+sums (tests/test_packed_forward.py: logits vs the model's own forward, float64 and float32).
+
+`supports(model)` says why a model must take the transformers path instead: PEFT/LoRA-wrapped or quantized
+linears, module hooks (e.g. DeepSpeed ZeRO-3 parameter gathering), sliding-window layers, rope scaling
+other than the default, activations other than SiLU. The engine then calls `language_model(...)` with the
+registered paged attention (attention.py): same tokens, slower.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import attention as attn
+
+
+def _plain_linear(m) -> bool:
+    return type(m) is torch.nn.Linear
+
+
+def supports(model) -> str | None:
+    """None when the packed forward can run `model`'s language model, else the reason it cannot."""
+    from .. import modeling
+    lm = modeling.inner(model).language_model
+    cfg = lm.config
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "sliding-window layers"
+    if (cfg.rope_parameters or {}).get("rope_type", "default") != "default":
+        return f"rope_type {cfg.rope_parameters.get('rope_type')!r}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    rot = lm.rotary_emb
+    if not hasattr(rot, "inv_freq") or not hasattr(rot, "mrope_section"):
+        return "a rotary module without inv_freq / mrope_section"
+    for name, m in lm.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"forward hooks on {name or 'the language model'}"
+    for layer in lm.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        lins = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(_plain_linear(m) for m in lins):
+            return "linear layers that are not torch.nn.Linear (PEFT adapters, quantization)"
+        if any(p.numel() == 0 for m in lins for p in m.parameters()):
+            return "partitioned (empty) parameters"
+    return None
+
+
+def _rms(x, norm):
+    """transformers' Qwen RMSNorm: float32 statistics, weight applied in the input dtype."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+class PackedForward:
+    """`forward(x_LD, pos_3L, slots_L, paged) -> (L, D)` final-norm hidden states of a packed step."""
+
+    def __init__(self, model):
+        from .. import modeling
+        reason = supports(model)
+        if reason is not None:
+            raise ValueError(f"PackedForward: unsupported model ({reason})")
+        self.lm = modeling.inner(model).language_model
+        cfg = self.lm.config
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        rot = self.lm.rotary_emb
+        half = self.head_dim // 2
+        sec = list(rot.mrope_section)
+        if sum(sec) != half:
+            raise ValueError(f"PackedForward: mrope_section {sec} must sum to head_dim / 2 = {half}")
+        # frequency j reads position row sel[j]: sections of mrope_section cycle through t, h, w
+        self.sel = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sec)])
+        self.scaling = float(rot.attention_scaling)
+
+    def rope(self, pos_3L: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (L, 1, Dh) in `dtype`, computed in float32 as transformers does."""
+        inv = self.lm.rotary_emb.inv_freq.to(device=pos_3L.device, dtype=torch.float32)
+        p = pos_3L.index_select(0, self.sel.to(pos_3L.device)).t().float()     # (L, Dh/2)
+        f = p * inv
+        cos, sin = f.cos(), f.sin()
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        cos, sin = torch.cat((cos, cos), -1).to(dtype), torch.cat((sin, sin), -1).to(dtype)
+        return cos[:, None], sin[:, None]
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def __call__(self, x_LD: torch.Tensor, pos_3L: torch.Tensor, slots_L: torch.Tensor,
+                 paged: attn.PagedBatch) -> torch.Tensor:
+        L = x_LD.shape[0]
+        Hq, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        cos, sin = self.rope(pos_3L, x_LD.dtype)
+        pool = paged.pool
+        x = x_LD
+        for i, layer in enumerate(self.lm.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            h = _rms(x, layer.input_layernorm)
+            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(L, Hq, Dh)
+            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(L, Hkv, Dh)
+            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(L, Hkv, Dh)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            pool.write(i, slots_L, k, v)
+            o = attn.attend(q, i, paged, a.scaling)
+            x = x + F.linear(o.reshape(L, Hq * Dh), a.o_proj.weight, a.o_proj.bias)
+            h = _rms(x, layer.post_attention_layernorm)
+            g = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+            x = x + F.linear(F.silu(g) * F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias),
+                             mlp.down_proj.weight, mlp.down_proj.bias)
+        return _rms(x, self.lm.norm)
