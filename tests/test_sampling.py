@@ -1,11 +1,16 @@
-"""sampling.py against transformers' logits warpers (top-k / top-p sets), log-softmax, and frequencies."""
+"""sampling.py against transformers' logits warpers (top-k / top-p sets), log-softmax, and frequencies; the
+C++ draw (csrc/cpu/sampling.cpp) against the torch draw; counter-based uniforms."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from videocom_fast.rollout.sampling import SamplingParams, filter_logits, rollout_generator, sample
+from videocom_fast.rollout.sampling import (SamplingParams, counter_uniforms, filter_logits, rollout_generator,
+                                            rollout_key, sample)
+
+IMPLS = ["cpp", "torch"]
 
 
 @pytest.mark.parametrize("N,V,k,p", [(1, 7, 3, 1.0), (5, 97, 50, 0.9), (3, 341, 0, 0.5), (4, 1025, 17, 0.75)])
@@ -47,14 +52,15 @@ def test_greedy_is_argmax_and_respects_suppression():
     torch.testing.assert_close(lp2, (logits / 0.9).log_softmax(-1).gather(-1, tok2[:, None]).squeeze(-1))
 
 
-def test_frequencies_follow_the_filtered_distribution():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frequencies_follow_the_filtered_distribution(impl):
     V, draws = 9, 20000
     logits = torch.randn(1, V)
     params = SamplingParams(temperature=1.3, top_k=6, top_p=0.9)
     g = rollout_generator(5, 0, 0)
     counts = torch.zeros(V)
     rows = logits.expand(draws, V)
-    tok, _ = sample(rows, params, [g] * draws)
+    tok, _ = sample(rows, params, [g] * draws, impl=impl)
     counts += torch.bincount(tok, minlength=V)
     want = filter_logits(logits / 1.3, 6, 0.9).softmax(-1)[0]
     tv = 0.5 * (counts / draws - want).abs().sum()
@@ -83,14 +89,62 @@ def test_bad_arguments():
         sample(torch.randn(5), SamplingParams(greedy=True))
 
 
-def test_ties_at_the_kth_logit_are_all_kept():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_at_the_kth_logit_are_all_kept(impl):
     """top-k keeps every token tied with the k-th logit (transformers' rule): the k-only fast path must not
     cut them, so such rows take the full-vocabulary path."""
     logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, -2.0, 0.5]])
     params = SamplingParams(temperature=1.0, top_k=2, top_p=1.0)
     g = rollout_generator(3, 0, 0)
-    tok, _ = sample(logits.expand(6000, 6), params, [g] * 6000)
+    tok, _ = sample(logits.expand(6000, 6), params, [g] * 6000, impl=impl)
     counts = torch.bincount(tok, minlength=6).float() / 6000
     want = filter_logits(logits, 2, 1.0).softmax(-1)[0]
     assert (want[1:4] > 0).all() and counts[1:4].min() > 0.5 * want[1]
     assert 0.5 * (counts - want).abs().sum() < 0.03
+
+
+@pytest.mark.parametrize("V,k,p", [(641, 50, 1.0), (641, 50, 0.9), (97, 0, 0.3), (1025, 1, 1.0), (33, 33, 0.75),
+                                   (5, 7, 0.5)])
+def test_cpp_draw_equals_torch_draw_for_the_same_uniforms(V, k, p):
+    """Same u -> same token, except where u lands within float32 rounding of a CDF step (the torch path
+    sums float32 probabilities, the C++ one float64): at most a few rows in 4000."""
+    N = 4000
+    logits = torch.randn(N, V) * 2
+    logits[:, :3] = float("-inf")             # suppressed ids, as the engine passes them
+    params = SamplingParams(temperature=0.8, top_k=k, top_p=p)
+    u = np.random.default_rng().random(N)
+    a, _ = sample(logits, params, uniforms=u, impl="cpp")
+    b, _ = sample(logits, params, uniforms=u, impl="torch")
+    assert (a >= 3).all()
+    assert (a != b).sum() <= 4, int((a != b).sum())
+
+
+def test_counter_uniforms_are_a_function_of_key_and_counter():
+    keys = np.array([rollout_key(0, s, r) for s in range(4) for r in range(8)], dtype=np.uint64)
+    assert len(set(keys.tolist())) == 32
+    c = np.arange(32, dtype=np.uint64)
+    u = counter_uniforms(keys, c)
+    assert u.dtype == np.float64 and ((u >= 0) & (u < 1)).all()
+    np.testing.assert_array_equal(u[5:6], counter_uniforms(keys[5:6], c[5:6]))   # batch composition
+    stream = counter_uniforms(np.full(50000, keys[0]), np.arange(50000, dtype=np.uint64))
+    assert abs(stream.mean() - 0.5) < 0.01 and abs(stream.var() - 1 / 12) < 0.005
+    hist = np.bincount((stream * 10).astype(int), minlength=10) / 50000
+    assert np.abs(hist - 0.1).max() < 0.01
+    assert np.corrcoef(stream[:-1], stream[1:])[0, 1] < 0.02
+
+
+def test_cpp_draw_rejects_bad_buffers():
+    from videocom_fast import _C
+    x, u, out = np.zeros((3, 5), np.float32), np.full(3, 0.5), np.zeros(3, np.int64)
+    with pytest.raises(ValueError, match="logits"):
+        _C.sample_logits(x.astype(np.float64), u, 2, 1.0, out)
+    with pytest.raises(ValueError, match="u:"):
+        _C.sample_logits(x, u[:2], 2, 1.0, out)
+    with pytest.raises(ValueError, match="row 1 outside"):
+        _C.sample_logits(x, np.array([0.1, 1.0, 0.2]), 2, 1.0, out)
+    with pytest.raises(ValueError, match="out"):
+        _C.sample_logits(x, u, 2, 1.0, out.astype(np.int32))
+    with pytest.raises(ValueError, match="top_p"):
+        _C.sample_logits(x, u, 2, 0.0, out)
+    with pytest.raises(ValueError, match="uniforms"):
+        sample(torch.zeros(3, 5), SamplingParams(), uniforms=np.full(3, np.nan))

@@ -126,6 +126,9 @@ def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray, out: 
     """csrc/cpu/paged_attention.cpp: causal attention of packed query chunks (q (L, Hq, D), strided rows/heads)
     over paged K/V pools (num_blocks, BS, Hkv, D), float32 or float64; int64 chunk metadata, int32 tables.
     Writes the chunks' rows of out (L, Hq, D)."""
+def sample_logits(logits: np.ndarray, u: np.ndarray, top_k: int, top_p: float, out: np.ndarray) -> None:
+    """csrc/cpu/sampling.cpp: one inverse-CDF draw per row of float32 logits (N, V) after top-k (ties kept, 0: off)
+    then top-p, with the row's uniform u (N,) float64 in [0, 1); token ids into out (N,) int64."""
 def crop_resize_patchify_cuda(frames: list[tuple[int, int, int, int, int, int]], boxes: list[tuple[int, int, int, int]],
                               sizes: list[tuple[int, int]], modes: list[int], lut: int, out: int, rows: int,
                               elem_size: int, stream: int) -> None:

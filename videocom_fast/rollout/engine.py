@@ -46,7 +46,7 @@ from . import attention as attn
 from . import packed_forward
 from .kv_cache import PagedKVPool, StepCache
 from .media_inputs import preprocess_items
-from .sampling import SamplingParams, rollout_generator, sample
+from .sampling import SamplingParams, counter_uniforms, rollout_key, sample
 from .scheduler import SchedulerConfig, make_scheduler
 from .stopping import action_line_done, has_answer, has_line_break
 from .trajectory import Trajectory
@@ -75,8 +75,8 @@ class _Group:
 
 
 class _Seq:
-    def __init__(self, sid, group, rollout_index, env, gen, prompt_ids, prompt_pos, cursor, blocks, traj):
-        self.sid, self.group, self.rollout_index, self.env, self.gen = sid, group, rollout_index, env, gen
+    def __init__(self, sid, group, rollout_index, env, key, prompt_ids, prompt_pos, cursor, blocks, traj):
+        self.sid, self.group, self.rollout_index, self.env, self.key = sid, group, rollout_index, env, key
         self.tokens = list(prompt_ids)
         self.mask = [False] * len(prompt_ids)
         self.logprobs = [0.0] * len(prompt_ids)
@@ -364,8 +364,7 @@ class RolloutEngine:
         block = _Block(item, offset, emb, pv, grid)
         for r, sid in enumerate(sids):
             traj = Trajectory(sample_index=sample_index, rollout_index=r)
-            gen = rollout_generator(self.seed, sample_index, r, device=self.device)
-            s = _Seq(sid, group, r, env.fork(), gen, ids, pos, cursor.copy(), [block], traj)
+            s = _Seq(sid, group, r, env.fork(), rollout_key(self.seed, sample_index, r), ids, pos, cursor.copy(), [block], traj)
             group.seqs.append(s)
             self.seqs[sid] = s
         self.groups[sample_index] = group
@@ -472,7 +471,11 @@ class RolloutEngine:
         if not who:
             return
         logits = logits_NV if len(who) == len(sampling) else logits_NV[torch.tensor(rows, device=logits_NV.device)]
-        tokens, lps = sample(logits, self.params, [s.gen for s in who], self.suppress_ids)
+        u = None
+        if not self.params.greedy:   # counter-based: the draw of token i of a rollout is a function of (key, i)
+            u = counter_uniforms(np.fromiter((s.key for s in who), dtype=np.uint64, count=len(who)),
+                                 np.fromiter((len(s.tokens) for s in who), dtype=np.uint64, count=len(who)))
+        tokens, lps = sample(logits, self.params, suppress_ids=self.suppress_ids, uniforms=u)
         tokens, lps = tokens.tolist(), lps.tolist()
         if self.forced_rounds is not None:
             logp = None
