@@ -116,3 +116,17 @@ def test_memory_bounded_over_1000_rollouts(model32, rollout_samples):
     assert done >= 1000
     # after warm-up (first 2 calls) resident memory stays flat: allow 40 MB of allocator noise
     assert max(rss[2:]) - rss[2] < 40, rss
+
+
+def test_default_kv_pool_is_a_byte_budget(model32, monkeypatch):
+    """Without kv_budget_tokens the pool is VIDEOCOM_KV_CACHE_MB (default 256 MiB on the CPU) of this model's
+    K/V rows, whatever the model's width; a bad value is refused by name."""
+    model, proc = model32
+    monkeypatch.delenv("VIDEOCOM_KV_CACHE_MB", raising=False)
+    nbytes = RolloutEngine(model, proc).pool.nbytes
+    assert 256 * 2**20 - 16 * 1024 < nbytes <= 256 * 2**20 + 16 * 1024
+    monkeypatch.setenv("VIDEOCOM_KV_CACHE_MB", "3")
+    assert abs(RolloutEngine(model, proc).pool.nbytes - 3 * 2**20) <= 16 * 1024
+    monkeypatch.setenv("VIDEOCOM_KV_CACHE_MB", "-1")
+    with pytest.raises(ValueError, match="VIDEOCOM_KV_CACHE_MB"):
+        RolloutEngine(model, proc)

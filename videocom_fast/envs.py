@@ -8,6 +8,8 @@ VIDEOCOM_FRAME_CACHE_MB   byte budget of the shared frame cache in MiB (default 
 VIDEOCOM_OUT_CACHE_MB     budget of recycled CPU pixel_values buffers in MiB (default 256; 0 disables)
 VIDEOCOM_ATTENTION        rollout/training attention: "auto" (flash-attn when importable; on CPU the C++ paged
                           kernel; else sdpa), "sdpa", "cpp", "flash"
+VIDEOCOM_KV_CACHE_MB      the rollout engine's KV pool when kv_budget_tokens is not given, in MiB (default: 256 on
+                          the CPU -- 262k tokens of the tiny model; on CUDA 40% of the device's free memory)
 VIDEOCOM_SCHEDULER        rollout scheduler: "auto" (default: C++ when built), "cpp", "python" (the twin)
 VIDEOCOM_CUDA             build time only (CMake): AUTO | ON | OFF
 """
@@ -44,3 +46,19 @@ def scheduler_impl() -> str:
 
 def out_cache_mb() -> float:
     return float(os.environ.get("VIDEOCOM_OUT_CACHE_MB", "256"))
+
+
+def kv_cache_bytes(device) -> int:
+    mb = os.environ.get("VIDEOCOM_KV_CACHE_MB", "").strip()
+    if mb:
+        try:
+            val = float(mb)
+        except ValueError:
+            val = -1.0
+        if not val > 0:
+            raise ValueError(f"VIDEOCOM_KV_CACHE_MB must be a positive number of MiB, got {mb!r}")
+        return int(val * 2**20)
+    import torch
+    if torch.device(device).type == "cuda":
+        return int(0.4 * torch.cuda.mem_get_info(device)[0])
+    return 256 * 2**20

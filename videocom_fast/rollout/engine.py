@@ -164,7 +164,10 @@ class RolloutEngine:
         self.device = next(model.parameters()).device
         self.dtype = dtype or next(m.language_model.parameters()).dtype
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        num_blocks = -(-(kv_budget_tokens or 65536) // block_size)
+        if kv_budget_tokens is None:   # a byte budget (VIDEOCOM_KV_CACHE_MB) turned into tokens for this model
+            per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * self.dtype.itemsize
+            kv_budget_tokens = max(block_size, envs.kv_cache_bytes(self.device) // per_token)
+        num_blocks = -(-kv_budget_tokens // block_size)
         self.sched_config = SchedulerConfig(max_num_batched_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
                                             block_size=block_size, num_blocks=num_blocks,
                                             max_prefill_chunk=max_batch_tokens)
