@@ -148,3 +148,14 @@ def test_cpp_draw_rejects_bad_buffers():
         _C.sample_logits(x, u, 2, 0.0, out)
     with pytest.raises(ValueError, match="uniforms"):
         sample(torch.zeros(3, 5), SamplingParams(), uniforms=np.full(3, np.nan))
+
+
+def test_cpp_draw_never_picks_nan_or_inf_and_survives_an_empty_row():
+    from videocom_fast import _C
+    x = np.random.default_rng().standard_normal((200, 30)).astype(np.float32)
+    x[:, ::3] = np.nan
+    x[:, 1::3] = -np.inf
+    x[-1] = -np.inf                      # no finite logit at all: a defined token, no crash
+    out = np.zeros(200, np.int64)
+    _C.sample_logits(x, np.random.default_rng().random(200), 5, 0.9, out)
+    assert (out[:-1] % 3 == 2).all() and out[-1] == 0

@@ -28,15 +28,24 @@ namespace vcf {
 namespace {
 
 int64_t draw_row(const float* x, int64_t V, int64_t top_k, double top_p, double u,
-                 std::vector<std::pair<float, int64_t>>& kept, std::vector<float>& scratch) {
+                 std::vector<std::pair<float, int64_t>>& kept, std::vector<float>& heap) {
   const float ninf = -std::numeric_limits<float>::infinity();
   float kth = ninf;
-  if (top_k > 0 && top_k < V) {
-    scratch.assign(x, x + V);
-    for (float& v : scratch)
-      if (std::isnan(v)) v = ninf;   // a NaN logit is never sampled (torch's topk would rank it first)
-    std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
-    kth = scratch[top_k - 1];
+  if (top_k > 0 && top_k < V) {   // k-th largest finite logit: a size-k min-heap, one pass, most values rejected
+    heap.clear();
+    for (int64_t i = 0; i < V; ++i) {
+      const float v = x[i];
+      if (!(v > ninf)) continue;   // -inf and NaN are never sampled (torch's topk would rank a NaN first)
+      if ((int64_t)heap.size() < top_k) {
+        heap.push_back(v);
+        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+      } else if (v > heap.front()) {
+        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+        heap.back() = v;
+        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+      }
+    }
+    if ((int64_t)heap.size() == top_k) kth = heap.front();
   }
   kept.clear();
   for (int64_t i = 0; i < V; ++i)
@@ -92,9 +101,9 @@ void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, d
 #pragma omp parallel if (N * V > (1 << 18))
   {
     std::vector<std::pair<float, int64_t>> kept;
-    std::vector<float> scratch;
+    std::vector<float> heap;
 #pragma omp for schedule(dynamic, 8)
-    for (int64_t n = 0; n < N; ++n) o[n] = draw_row(x + n * V, V, top_k, top_p, up[n], kept, scratch);
+    for (int64_t n = 0; n < N; ++n) o[n] = draw_row(x + n * V, V, top_k, top_p, up[n], kept, heap);
   }
 }
 
