@@ -5,10 +5,15 @@ most, temperature 0.9 / top-k 50. Rounds 1-3 are scripted FIND_SEGMENT / FIND_FR
 (tests/helpers_rollout.forced_scripts: the random tiny model would not emit actions by itself; scripted
 tokens still run through the engine's decode path, one token per step, while the baselines skip
 generation for them, which only favours the baselines); rounds 4-5 are sampled.
-Media budgets are smaller than the spec's (helpers_rollout.SMALL_MEDIA: 8-frame main video, 4-frame
-rewatch, images <= 16*28*28 pixels) so the whole file runs in a few minutes on 2 cores.
+Two media budgets, each its own pair of groups:
+- "small" (helpers_rollout.SMALL_MEDIA: 8-frame main video, 4-frame rewatch, images <= 16*28*28 pixels):
+  ~200-token prompts, so forwards are cheap and per-token overheads dominate;
+- "spec" (env.MediaConfig defaults = the method's budgets, spec section 3: 32-frame main video and 16-frame
+  rewatch at up to 360*420 pixels per frame, images up to 128*28*28): ~2,300-token prompts, what a
+  Video-CoM rollout really carries. The naive loop then takes ~5 minutes; the whole file ~8 minutes.
 
-Groups (benchtable compares the benchmarks of one group; each group runs ONE workload, the issue's scale):
+Groups (benchtable compares the benchmarks of one group; each group runs ONE workload, the issue's scale;
+the spec-budget groups are named rollout_spec_vs_*):
 - rollout_vs_naive: the engine vs the naive loop (per sample, per round: rebuild the conversation, run the
   processor, `generate` with fresh prefill; role "baseline");
 - rollout_vs_lockstep: the engine vs lock-step `generate` (all unfinished rollouts of a round together,
@@ -33,6 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from helpers_rollout import env_factory, forced_scripts, make_data, make_tiny  # noqa: E402
+from videocom_fast.env import ManipulationEnv, MediaConfig  # noqa: E402
+from videocom_fast.media import FrameCache  # noqa: E402
 
 from bench.naive_rollout import encode_conversation, lockstep_rollouts, naive_rollout  # noqa: E402
 from videocom_fast.models import load  # noqa: E402
@@ -40,6 +47,13 @@ from videocom_fast.rollout import RolloutEngine  # noqa: E402
 
 G, ROUNDS, NEW, PROMPTS = 8, 5, 40, 16
 _rates: dict[str, dict] = {}
+
+
+def _env_factory(media: str):
+    if media == "small":
+        return env_factory()
+    cache, cfg = FrameCache(), MediaConfig()
+    return lambda sample: ManipulationEnv(sample, cache=cache, config=cfg)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +99,9 @@ def _record(benchmark, name, *, gen_tokens, visual, wall, prefill_tokens, saved,
     return info
 
 
-def _engine(benchmark, setup, name, n_prompts, n_gen):
+def _engine(benchmark, setup, name, n_prompts, n_gen, media="small"):
     model, proc, samples, forced = setup
-    eng = RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=ROUNDS, max_new_tokens=NEW,
+    eng = RolloutEngine(model, proc, env_factory=_env_factory(media), max_rounds=ROUNDS, max_new_tokens=NEW,
                         forced_rounds=forced)
     eng.generate(samples[:2], num_generations=n_gen, seed=99)   # warm-up (allocator, tokenizer caches)
     benchmark.pedantic(lambda: eng.generate(samples[:n_prompts], num_generations=n_gen, seed=0), rounds=1,
@@ -109,10 +123,9 @@ def test_engine_vs_naive(benchmark, setup):
     _engine(benchmark, setup, "engine", PROMPTS, G)
 
 
-@pytest.mark.benchmark(group="rollout_vs_naive")
-def test_naive_loop(benchmark, setup):
+def _naive(benchmark, setup, name, media="small"):
     model, proc, samples, forced = setup
-    make_env = env_factory()
+    make_env = _env_factory(media)
     counts = dict(gen=0, visual=0)
 
     def run():
@@ -127,19 +140,13 @@ def test_naive_loop(benchmark, setup):
         t = time.perf_counter()
         benchmark.pedantic(run, rounds=1, iterations=1)
         wall = time.perf_counter() - t
-    _record(benchmark, "naive", gen_tokens=counts["gen"], visual=counts["visual"], wall=wall,
+    _record(benchmark, name, gen_tokens=counts["gen"], visual=counts["visual"], wall=wall,
             prefill_tokens=ft.prefill_tokens, saved=0, model_s=ft.seconds, role="baseline")
 
 
-@pytest.mark.benchmark(group="rollout_vs_lockstep")
-def test_engine_vs_lockstep(benchmark, setup):
-    _engine(benchmark, setup, "engine_again", PROMPTS, G)
-
-
-@pytest.mark.benchmark(group="rollout_vs_lockstep")
-def test_lockstep(benchmark, setup):
+def _lockstep(benchmark, setup, name, media="small"):
     model, proc, samples, forced = setup
-    make_env = env_factory()
+    make_env = _env_factory(media)
     out = {}
 
     def run():
@@ -153,15 +160,63 @@ def test_lockstep(benchmark, setup):
     res = [r for g in out["res"] for r in g]
     gen = sum(sum(r.generated_mask) for r in res)
     visual = sum(_visual(model, encode_conversation(proc, r.conversation)["input_ids"][0].tolist()) for r in res)
-    _record(benchmark, "lockstep", gen_tokens=gen, visual=visual, wall=wall, prefill_tokens=ft.prefill_tokens,
+    _record(benchmark, name, gen_tokens=gen, visual=visual, wall=wall, prefill_tokens=ft.prefill_tokens,
             saved=0, model_s=ft.seconds, role="baseline")
+
+
+@pytest.mark.benchmark(group="rollout_vs_naive")
+def test_naive_loop(benchmark, setup):
+    _naive(benchmark, setup, "naive")
+
+
+@pytest.mark.benchmark(group="rollout_vs_lockstep")
+def test_engine_vs_lockstep(benchmark, setup):
+    _engine(benchmark, setup, "engine_again", PROMPTS, G)
+
+
+@pytest.mark.benchmark(group="rollout_vs_lockstep")
+def test_lockstep(benchmark, setup):
+    _lockstep(benchmark, setup, "lockstep")
+
+
+@pytest.mark.benchmark(group="rollout_spec_vs_naive")
+def test_engine_spec_vs_naive(benchmark, setup):
+    _engine(benchmark, setup, "engine_spec", PROMPTS, G, media="spec")
+
+
+@pytest.mark.benchmark(group="rollout_spec_vs_naive")
+def test_naive_loop_spec(benchmark, setup):
+    _naive(benchmark, setup, "naive_spec", media="spec")
+
+
+@pytest.mark.benchmark(group="rollout_spec_vs_lockstep")
+def test_engine_spec_vs_lockstep(benchmark, setup):
+    _engine(benchmark, setup, "engine_spec_again", PROMPTS, G, media="spec")
+
+
+@pytest.mark.benchmark(group="rollout_spec_vs_lockstep")
+def test_lockstep_spec(benchmark, setup):
+    _lockstep(benchmark, setup, "lockstep_spec", media="spec")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _table():
+    """After the file's last benchmark: the table of every workload measured (shown with -s)."""
+    yield
+    if _rates:
+        _print_table()
+
+
+def _print_table():
     print(f"\n\nrollout throughput (tiny Qwen2.5-VL fp32, 2-core CPU, {PROMPTS} prompts x G={G}, {ROUNDS} rounds, "
           f"<= {NEW} new tokens per round)")
-    print(f"{'loop':14} {'gen tok/s':>10} {'vis tok/s':>10} {'prefill':>8} {'saved':>8} {'outside':>8}")
+    print("small = helpers_rollout.SMALL_MEDIA budgets, spec = the method's (env.MediaConfig defaults)")
+    print(f"{'loop':18} {'gen tok/s':>10} {'vis tok/s':>10} {'prefill':>8} {'saved':>8} {'outside':>8}")
     for name, r in _rates.items():
-        print(f"{name:14} {r['gen_tokens_per_s']:10.1f} {r['visual_tokens_per_s']:10.0f} {r['prefill_tokens']:8d} "
+        print(f"{name:18} {r['gen_tokens_per_s']:10.1f} {r['visual_tokens_per_s']:10.0f} {r['prefill_tokens']:8d} "
               f"{r['prefill_tokens_saved']:8d} {100 * r['outside_model_frac']:7.1f}%")
-    for name, base in (("engine", "naive"), ("engine_again", "lockstep")):
+    for name, base in (("engine", "naive"), ("engine_again", "lockstep"), ("engine_spec", "naive_spec"),
+                       ("engine_spec_again", "lockstep_spec")):
         if name in _rates and base in _rates:
             x = _rates[name]["gen_tokens_per_s"] / _rates[base]["gen_tokens_per_s"]
             print(f"{name} generated tokens/s x {base}: {x:.2f}")

@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from .. import envs
@@ -62,7 +63,9 @@ class FrameCache:
         got = self._fetch(src, idx)
         if len(idx) == 1:   # NOTE: a view of the cached frame, no copy: callers treat frames as read-only
             return got[idx[0]].unsqueeze(0)
-        return torch.stack([got[i] for i in idx])
+        # numpy, not torch.stack: this runs on the engine's env worker thread, where an OpenMP-parallel torch
+        # copy contends with the main thread's team (measured: 55 ms per 32-frame stack under load, 0.2 ms here)
+        return torch.from_numpy(np.stack([got[i].numpy() for i in idx]))
 
     def _fetch(self, src, idx: list[int]) -> dict:
         uniq = sorted(set(idx))
@@ -83,7 +86,8 @@ class FrameCache:
                 with self._lock:
                     self._decoded += len(missing)
                     for i, f in zip(missing, frames_NHWC):
-                        f = f.clone() if len(missing) > 1 else f  # own storage: evicting frees memory
+                        if len(missing) > 1:   # own storage: evicting frees memory (numpy copy: see get_frames)
+                            f = torch.from_numpy(f.numpy().copy())
                         got[i] = f
                         self._insert((vkey, i), f)
             return got
