@@ -1,13 +1,24 @@
-"""Paged KV pool and paged attention against plain causal attention over each whole sequence (float64)."""
+"""Paged KV pool and paged attention against plain causal attention over each whole sequence (float64).
+
+Every case builds a step the way the engine does: some sequences decode one token, others prefill a chunk on
+top of rows written by earlier steps, all packed into ONE query; the pool's block tables are shuffled (and
+shared between sequences where a test says so); the answer is naive causal attention over each sequence's
+whole K/V in float64. Inputs are fresh random numbers each run (the seed is in the failure message).
+"""
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
+from videocom_fast.rollout import attention as attn
 from videocom_fast.rollout.attention import PagedBatch, cpp_available, paged_attention
 from videocom_fast.rollout.kv_cache import PagedKVPool, StepCache
+
+HAS_CPP = cpp_available("cpu", torch.float32)
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="videocom_fast._C not built")
 
 
 class _Layer(torch.nn.Module):
@@ -26,13 +37,32 @@ def _reference(q_HLD, k_HLD, v_HLD, scale):
     return (s.softmax(-1) @ v).transpose(0, 1)
 
 
-def test_pool_write_gather_roundtrip_and_copy_rows():
-    pool = PagedKVPool(2, 13, 5, 3, 4, dtype=torch.float64)
+def _seed() -> int:
+    seed = random.randrange(2 ** 31)
+    torch.manual_seed(seed)
+    return seed
+
+
+# --- the pool ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["k_transposed", "standard"])
+def test_pool_write_gather_roundtrip_and_copy_rows(layout):
+    if layout == "k_transposed" and not HAS_CPP:
+        pytest.skip("videocom_fast._C not built")
+    seed = _seed()
+    pool = PagedKVPool(2, 13, 5, 3, 4, dtype=torch.float64, layout=layout)
+    assert pool.layout == layout and pool.k[1].shape == (13, 5, 3, 4)
+    if layout == "k_transposed":   # storage really is (NB, Hkv, D, BS): the kernel reads it that way
+        assert pool.k[1].permute(0, 2, 3, 1).is_contiguous() and not pool.k[1].is_contiguous()
     table = random.sample(range(13), 4)
-    k, v = torch.randn(17, 3, 4, dtype=torch.float64), torch.randn(17, 3, 4, dtype=torch.float64)
-    pool.write(1, pool.slots(table, 0, 17), k, v)
+    k, v = torch.randn(17, 3, 4, dtype=torch.float64), torch.randn(17, 3, 4).double()
+    # a strided key (as StepCache passes it: (L, Hkv, D) view of (Hkv, L, D)) and a float32 value (converted)
+    pool.write(1, pool.slots(table, 0, 17), k.transpose(0, 1).contiguous().transpose(0, 1), v.float())
     gk, gv = pool.gather(1, table, 17)
-    assert torch.equal(gk, k) and torch.equal(gv, v)
+    assert torch.equal(gk, k) and torch.equal(gv, v), f"seed {seed}"
+    assert torch.equal(pool.k[1][table[2], 3], k[13])      # row 13 = block 2, row 3
+    assert pool.k[0].abs().sum() == 0 and pool.v[0].abs().sum() == 0   # other layers untouched
     free = [b for b in range(13) if b not in table][0]
     pool.copy_rows(table[3], free, 2)   # rows 15, 16 live in block 3
     assert torch.equal(pool.k[1][free, :2], k[15:17]) and torch.equal(pool.v[0][free, :2], pool.v[0][table[3], :2])
@@ -41,40 +71,54 @@ def test_pool_write_gather_roundtrip_and_copy_rows():
     with pytest.raises(ValueError, match="slots"):
         pool.slots(table, 0, 21)
     with pytest.raises(ValueError, match="num_blocks"):
-        PagedKVPool(1, 0, 4, 1, 1)
+        PagedKVPool(1, 0, 4, 1, 1, layout=layout)
 
 
-_CASES = [(4, 4, 2, 8), (16, 2, 2, 32), (3, 6, 1, 24), (5, 4, 1, 64), (16, 28, 4, 128)]
+@needs_cpp
+def test_pool_layout_choice_and_rejections():
+    assert PagedKVPool(1, 2, 4, 1, 8).layout == "k_transposed"                       # CPU float32: the kernel's
+    assert PagedKVPool(1, 2, 4, 1, 8, dtype=torch.bfloat16).layout == "standard"     # SDPA reads bf16
+    with pytest.raises(ValueError, match="layout must be"):
+        PagedKVPool(1, 2, 4, 1, 8, layout="transposed")
+    with pytest.raises(ValueError, match="k_transposed"):
+        PagedKVPool(1, 2, 4, 1, 8, dtype=torch.float16, layout="k_transposed")
+    pool = PagedKVPool(1, 3, 4, 2, 8)
+    x = torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match=r"slots: index 2 \(slot 12\)"):
+        pool.write(0, torch.tensor([0, 5, 12]), x, x)
+    with pytest.raises(ValueError, match=r"k: expected \(len\(slots\), Hkv, D\)"):
+        pool.write(0, torch.tensor([0, 5]), x, x[:2])
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "cpp"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("bs,Hq,Hkv,D", _CASES)
-def test_paged_attention_equals_causal_attention(bs, Hq, Hkv, D, dtype, backend):
-    """Several sequences, each at a different stage (prefill from 0, a later chunk, a decode), one call.
-    Under "cpp", chunks of <= CPP_MAX_QUERY_ROWS rows run the C++ kernel (decodes, the 6- and 12-row
-    chunks: one and two row tiles) and the longer ones SDPA, so both paths meet in one output."""
-    if backend == "cpp" and not cpp_available("cpu", dtype):
-        pytest.skip("videocom_fast._C not built")
-    torch.manual_seed(bs * D)
+# --- attention against the naive loop -------------------------------------------------------------------
+
+
+def _run_step(bs, Hq, Hkv, D, dtype, backend, lens, starts, *, layout="auto", shared=None, nb_pool=None):
+    """Sequences of `lens` rows, of which rows [0, start) were written by earlier steps; this step packs rows
+    [start, len) of every sequence into one query. `shared` = (i, j, rows): sequence j's first `rows` rows
+    (whole blocks) are sequence i's blocks (prefix sharing: same K/V, one copy in the pool)."""
+    seed = _seed()
     scale = D ** -0.5
-    lens = [23, 1, 17, 40, 9, 30, 70]    # total rows of each sequence
-    starts = [0, 0, 11, 39, 8, 18, 69]   # rows already in the KV before this step (39, 8, 69: decodes)
-    pool = PagedKVPool(1, 96, bs, Hkv, D, dtype=dtype)
-    free = list(range(96))
-    random.Random(bs).shuffle(free)
+    nb = [-(-n // bs) for n in lens]
+    pool = PagedKVPool(1, nb_pool or sum(nb) + 3, bs, Hkv, D, dtype=dtype, layout=layout)
+    free = list(range(pool.num_blocks))
+    random.shuffle(free)
     tables, q_all, k_all, v_all = [], [], [], []
     for n in lens:
         tables.append([free.pop() for _ in range(-(-n // bs))])
         q_all.append(torch.randn(Hq, n, D, dtype=torch.float64))
         k_all.append(torch.randn(Hkv, n, D, dtype=torch.float64))
         v_all.append(torch.randn(Hkv, n, D, dtype=torch.float64))
+    if shared:
+        i, j, rows = shared
+        assert rows % bs == 0 and rows <= min(starts[i], starts[j])
+        tables[j][:rows // bs] = tables[i][:rows // bs]
+        k_all[j][:, :rows], v_all[j][:, :rows] = k_all[i][:, :rows], v_all[i][:, :rows]
     want_all = [_reference(q, k, v, scale) for q, k, v in zip(q_all, k_all, v_all)]
     q_all, k_all, v_all = ([t.to(dtype) for t in ts] for ts in (q_all, k_all, v_all))
     for t, s, k, v in zip(tables, starts, k_all, v_all):   # earlier steps: rows [0, start)
         if s:
             pool.write(0, pool.slots(t, 0, s), k[:, :s].transpose(0, 1), v[:, :s].transpose(0, 1))
-    # this step: rows [start, len) of every sequence packed into one query
     q = torch.cat([q[:, s:] for q, s in zip(q_all, starts)], dim=1)[None]
     k = torch.cat([k[:, s:] for k, s in zip(k_all, starts)], dim=1)[None]
     v = torch.cat([v[:, s:] for v, s in zip(v_all, starts)], dim=1)[None]
@@ -83,23 +127,83 @@ def test_paged_attention_equals_causal_attention(bs, Hq, Hkv, D, dtype, backend)
     q_lens = [n - s for n, s in zip(lens, starts)]
     q_starts = [sum(q_lens[:i]) for i in range(len(lens))]
     meta = PagedBatch(pool, q_starts, q_lens, lens, tables, backend=backend)
-    if backend == "cpp":
-        assert sorted(q_lens[i] for i in meta.cpp_chunks) == [1, 1, 1, 1, 6, 12]
     out, _ = paged_attention(_Layer(0), q, k, v, None, scaling=scale, paged=meta)
     assert out.shape == (1, sum(q_lens), Hq, D) and out.dtype == dtype
+    # fp32: the kernel accumulates in fp32 over up to ~1000 keys with its own exp (~1 ulp)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for i in range(len(lens)):
         got = out[0, q_starts[i]:q_starts[i] + q_lens[i]].double()
-        torch.testing.assert_close(got, want_all[i][starts[i]:], rtol=tol, atol=tol)
+        torch.testing.assert_close(got, want_all[i][starts[i]:], rtol=tol, atol=tol,
+                                   msg=lambda m: f"sequence {i}, seed {seed}: {m}")
+    return meta
+
+
+_CASES = [(4, 4, 2, 8), (16, 2, 2, 32), (3, 6, 1, 24), (5, 4, 1, 64), (16, 28, 4, 128), (16, 6, 2, 40),
+          (16, 3, 3, 64), (7, 7, 1, 33)]
+_LENS = [23, 1, 17, 40, 9, 30, 70]      # total rows of each sequence
+_STARTS = [0, 0, 11, 39, 8, 18, 69]     # rows already in the KV before this step (39, 8, 69: decodes)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bs,Hq,Hkv,D", _CASES)
+def test_paged_attention_equals_causal_attention(bs, Hq, Hkv, D, dtype, backend):
+    """Several sequences, each at a different stage (prefill from 0, a later chunk, a decode), one call.
+    Block sizes 16 (the kernel's compile-time fast path) and odd ones; head dims 32/64/128 (compile-time)
+    and odd ones; GQA ratios 1, 2, 3, 4, 7."""
+    if backend == "cpp" and not HAS_CPP:
+        pytest.skip("videocom_fast._C not built")
+    meta = _run_step(bs, Hq, Hkv, D, dtype, backend, _LENS, _STARTS)
+    if backend == "cpp":   # every chunk, whatever its length, runs the kernel
+        assert meta.cpp_chunks == list(range(len(_LENS))) and not meta.prefill_chunks
+
+
+@needs_cpp
+@pytest.mark.parametrize("layout", ["k_transposed", "standard"])
+def test_sdpa_backend_reads_both_layouts(layout):
+    _run_step(16, 4, 2, 32, torch.float32, "sdpa", _LENS, _STARTS, layout=layout)
+
+
+@needs_cpp
+def test_cpp_and_sdpa_routes_meet_in_one_output(monkeypatch):
+    """With the routing limit lowered, short chunks run the kernel and long ones SDPA in the same call."""
+    monkeypatch.setattr(attn, "CPP_MAX_QUERY_ROWS", 8)
+    meta = _run_step(16, 4, 2, 32, torch.float64, "cpp", _LENS, _STARTS)
+    assert sorted(meta.q_lens[i] for i in meta.cpp_chunks) == [1, 1, 1, 1, 6]
+    assert sorted(meta.q_lens[i] for i in meta.prefill_chunks) == [12, 23]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 2, 32), (7, 1, 24)])
+def test_long_prefill_chunks_with_decodes(Hq, Hkv, D, dtype):
+    """A 300-row chunk over 1000 keys (19 row tiles, 4 softmax segments), a 300-row prompt from row 0, a
+    chunk of 17 rows (one full tile + 1 row), and decodes of other sequences, in one call."""
+    lens = [1000, 300, 517, 601, 1, 250, 33]
+    starts = [700, 0, 500, 600, 0, 249, 32]
+    _run_step(16, Hq, Hkv, D, dtype, "cpp", lens, starts)
+
+
+@needs_cpp
+@pytest.mark.parametrize("bs", [16, 5])
+def test_blocks_shared_between_sequences(bs):
+    """Prefix sharing: sequences 0 and 1 (and 0 and 2) read the same prompt blocks, then their own."""
+    lens = [20 * bs + 3, 20 * bs + 9, 12 * bs + 1]
+    starts = [20 * bs + 2, 12 * bs, 10 * bs]      # a decode, a 9 * bs-row chunk and a 2 * bs + 1-row chunk
+    _run_step(bs, 4, 2, 32, torch.float64, "cpp", lens, starts, shared=(0, 1, 12 * bs))
+    _run_step(bs, 4, 2, 32, torch.float32, "cpp", lens, starts, shared=(0, 2, 10 * bs))
+
+
+# --- the binding's checks --------------------------------------------------------------------------------
 
 
 def _cpp_args(L=3, Hq=4, Hkv=2, D=8, NB=6, BS=4):
-    import numpy as np
-    q = np.random.default_rng(0).standard_normal((L, Hq, D)).astype(np.float32)
-    pool = np.zeros((NB, BS, Hkv, D), np.float32)
+    q = np.random.default_rng().standard_normal((L, Hq, D)).astype(np.float32)
+    k_store = np.zeros((NB, Hkv, D, BS), np.float32)          # K transposed within blocks
     i64 = lambda *x: np.array(x, dtype=np.int64)  # noqa: E731
-    return dict(q=q, k_pool=pool, v_pool=pool.copy(), out=np.zeros_like(q), q_start=i64(0, 1), q_len=i64(1, 2),
-                ctx_len=i64(5, 7), table_off=i64(0, 2), tables=np.array([0, 1, 2, 3], dtype=np.int32), scale=0.5)
+    return dict(q=q, k_pool=k_store.transpose(0, 3, 1, 2), v_pool=np.zeros((NB, BS, Hkv, D), np.float32),
+                out=np.full_like(q, np.nan), q_start=i64(0, 1), q_len=i64(1, 2), ctx_len=i64(5, 7),
+                table_off=i64(0, 2), tables=np.array([0, 1, 2, 3], dtype=np.int32), scale=0.5)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -109,24 +213,26 @@ def _cpp_args(L=3, Hq=4, Hkv=2, D=8, NB=6, BS=4):
     (dict(q_start=[0, 2]), "chunk 1: query rows outside q"),
     (dict(ctx_len=[5, 13]), "chunk 1: block table outside tables"),
     (dict(out="f64"), "out: wrong dtype"),
-    (dict(k_pool="f64"), "k_pool: wrong dtype"),
+    (dict(k_pool="f64", v_pool="f64"), "k_pool: wrong dtype"),
+    (dict(k_pool="f64"), "k_pool/v_pool: dtypes differ"),
     (dict(q_start="i32"), "q_start: wrong dtype"),
     (dict(table_off=[0]), "lengths differ"),
     (dict(q="2d"), "q: expected"),
     (dict(v_pool="short"), "shapes differ"),
-    (dict(k_pool="strided", v_pool="strided"), "must be contiguous"),
+    (dict(v_pool="strided"), "v_pool: must be contiguous"),
+    (dict(k_pool="standard"), "k_pool: expected K transposed within blocks"),
+    (dict(k_pool="strided"), "k_pool: expected K transposed within blocks"),
     (dict(out="short"), "out: shape must equal q's"),
     (dict(q="3heads", out="3heads"), "multiple of kv heads"),
     (dict(q="strided_d"), "head dim must be contiguous"),
 ])
 def test_cpp_paged_attention_rejects_bad_buffers(change, match):
-    """Every bad buffer is a ValueError naming it (never a read outside the pool)."""
-    import numpy as np
+    """Every bad buffer is a ValueError naming it (never a read outside the pool, never a misread layout)."""
     _C = pytest.importorskip("videocom_fast._C")
     a = _cpp_args()
     for name, v in change.items():
         if v == "f64":
-            a[name] = a[name].astype(np.float64)
+            a[name] = a[name].astype(np.float64)   # (astype keeps k_pool's transposed strides)
         elif v == "i32":
             a[name] = a[name].astype(np.int32)
         elif v == "2d":
@@ -135,6 +241,8 @@ def test_cpp_paged_attention_rejects_bad_buffers(change, match):
             a[name] = a[name][:-1]
         elif v == "strided":
             a[name] = np.repeat(a[name], 2, axis=0)[::2]
+        elif v == "standard":   # the same shape, stored (NB, BS, Hkv, D): would be misread as transposed
+            a[name] = np.ascontiguousarray(a[name])
         elif v == "3heads":
             a[name] = np.ascontiguousarray(a[name][:, :3])
         elif v == "strided_d":
@@ -144,8 +252,29 @@ def test_cpp_paged_attention_rejects_bad_buffers(change, match):
     with pytest.raises(ValueError, match=match):
         _C.paged_attention(**a)
     a = _cpp_args()
-    _C.paged_attention(**a)                   # the unchanged arguments are valid
+    _C.paged_attention(**a)                   # the unchanged arguments are valid, every row written
     assert np.isfinite(a["out"]).all()
+
+
+@needs_cpp
+def test_cpp_paged_kv_write_rejects_bad_buffers():
+    from videocom_fast import _C
+    a = _cpp_args()
+    kp, vp = a["k_pool"], a["v_pool"]
+    x = np.ones((2, 2, 8), np.float32)
+    slots = np.array([0, 23], dtype=np.int64)
+    with pytest.raises(ValueError, match=r"slots: index 1 \(slot 24\)"):
+        _C.paged_kv_write(kp, vp, np.array([0, 24], dtype=np.int64), x, x)
+    with pytest.raises(ValueError, match="slots: wrong dtype"):
+        _C.paged_kv_write(kp, vp, slots.astype(np.int32), x, x)
+    with pytest.raises(ValueError, match="v: wrong dtype"):
+        _C.paged_kv_write(kp, vp, slots, x, x.astype(np.float64))
+    with pytest.raises(ValueError, match="k: the head dim must be contiguous"):
+        _C.paged_kv_write(kp, vp, slots, np.repeat(x, 2, axis=2)[:, :, ::2], x)
+    with pytest.raises(ValueError, match="k_pool: expected K transposed"):
+        _C.paged_kv_write(np.ascontiguousarray(kp), vp, slots, x, x)
+    _C.paged_kv_write(kp, vp, slots, x, 2 * x)
+    assert kp[5, 3].sum() == 16 and vp[5, 3].sum() == 32 and kp.sum() == 32   # slot 23 = block 5, row 3
 
 
 def test_without_metadata_falls_back_to_sdpa():

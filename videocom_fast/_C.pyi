@@ -124,8 +124,14 @@ def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray, out: 
                     q_len: np.ndarray, ctx_len: np.ndarray, table_off: np.ndarray, tables: np.ndarray,
                     scale: float) -> None:
     """csrc/cpu/paged_attention.cpp: causal attention of packed query chunks (q (L, Hq, D), strided rows/heads)
-    over paged K/V pools (num_blocks, BS, Hkv, D), float32 or float64; int64 chunk metadata, int32 tables.
-    Writes the chunks' rows of out (L, Hq, D)."""
+    over paged K/V pools: k_pool (num_blocks, Hkv, D, BS) (K transposed within blocks), v_pool (num_blocks, BS,
+    Hkv, D); float32 or float64; int64 chunk metadata, int32 tables. Writes the chunks' rows of out (L, Hq, D)."""
+def paged_attention_rowdot(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray, out: np.ndarray,
+                           q_start: np.ndarray, q_len: np.ndarray, ctx_len: np.ndarray, table_off: np.ndarray,
+                           tables: np.ndarray, scale: float) -> None:
+    """The previous kernel (both pools (num_blocks, BS, Hkv, D)), kept as bench_attention.py's baseline."""
+def paged_kv_write(k_pool: np.ndarray, v_pool: np.ndarray, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    """Write rows k, v (L, Hkv, D) at flat slots (block * BS + row) of the pools (layouts as paged_attention)."""
 def sample_logits(logits: np.ndarray, u: np.ndarray, top_k: int, top_p: float, out: np.ndarray) -> None:
     """csrc/cpu/sampling.cpp: one inverse-CDF draw per row of float32 logits (N, V) after top-k (ties kept, 0: off)
     then top-p, with the row's uniform u (N,) float64 in [0, 1); token ids into out (N,) int64."""

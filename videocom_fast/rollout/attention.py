@@ -11,8 +11,9 @@ query row i of a chunk starting at `start` sees key rows j <= start + i.
 
 Backends (one code path in the engine, chosen here):
 - CPU, float32/float64 (default there): `videocom_fast._C.paged_attention`, a C++ kernel that reads the
-  blocks in place (csrc/cpu/paged_attention.cpp): every decode and prefill chunk of the step in one call
-  per layer, with no per-step gather of K/V (the gather was ~60% of a decode step's time, measured).
+  blocks in place (csrc/cpu/paged_attention.cpp): every decode and prefill chunk of the step, of any length,
+  in one call per layer, with no gather of K/V. It reads K transposed within blocks (the pool's layout
+  "k_transposed", kv_cache.py) and tiles query rows so each K/V block loaded serves many query vectors.
 - `sdpa` (other dtypes/devices, or VIDEOCOM_ATTENTION=sdpa): decodes are batched into one SDPA call (block tables padded, key-length mask);
   each prefill chunk is one SDPA call on its gathered blocks (no mask when it starts at row 0).
 - CUDA with flash-attn importable and a block size that flash-attn's paged KV accepts (multiple of 256):
@@ -30,7 +31,16 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "videocom_paged"
-CPP_MAX_QUERY_ROWS = 16     # chunks of up to this many query rows go to the C++ kernel (backend "cpp")
+# Chunks of up to this many query rows go to the C++ kernel (backend "cpp"): all of them. Measured (one chunk,
+# gather + SDPA vs the kernel, fp32, BS 16, ratio = SDPA time / kernel time; 2-core CPU):
+#   Hq 4, Hkv 2, D 32    1 thread             2 threads
+#     keys               200   1000  4000     200   1000  4000
+#     32 rows            3.3   3.0   2.7      5.9   4.4   6.2
+#     128 rows           2.8   2.5   2.6      4.6   3.3   4.3
+#     512 rows           -     2.9   2.1      -     3.1   2.7
+#   Hq 28, Hkv 4, D 128, 2 threads: 32 rows 2.8 / 3.6 / 3.7, 128 rows 3.2 / 2.6 / 2.7, 512 rows - / 3.4 / 2.2
+# so no chunk length is better served by SDPA; the limit stays as a knob for tests and benches.
+CPP_MAX_QUERY_ROWS = 1 << 30
 
 
 @dataclass
@@ -46,8 +56,6 @@ class PagedBatch:
 
     def __post_init__(self):
         n = range(len(self.q_lens))
-        # the C++ kernel takes decodes and short chunks; SDPA's matmuls win on long prefill chunks (measured:
-        # 256 query rows over 600 keys, 1 thread: SDPA 1.4 ms, the C++ kernel 4.9 ms)
         self.cpp_chunks = [i for i in n if self.q_lens[i] <= CPP_MAX_QUERY_ROWS] if self.backend == "cpp" else []
         short = set(self.cpp_chunks)
         # NOTE: chunks whose query is a single row at the end of their context are plain decodes
@@ -163,8 +171,8 @@ def attend(q_LHD, layer: int, paged: PagedBatch, scaling=None) -> torch.Tensor:
         Nd, maxb = table.shape
         # index_select of whole blocks on the flat table: ~4x faster than advanced indexing kp[table] on CPU
         flat = table.view(-1)
-        k = kp.index_select(0, flat).view(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
-        v = vp.index_select(0, flat).view(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
+        k = kp.index_select(0, flat).reshape(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
+        v = vp.index_select(0, flat).reshape(Nd, maxb * pool.block_size, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
         # GQA folded into the query-length axis: the g = Hq / Hkv query heads that share a kv head become g
         # query rows of it (head h -> kv head h // g, as repeat_kv), so K/V are never expanded to Hq heads
         g = q_LHD.shape[1] // pool.num_kv_heads

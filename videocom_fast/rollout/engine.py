@@ -171,8 +171,6 @@ class RolloutEngine:
         self.sched_config = SchedulerConfig(max_num_batched_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
                                             block_size=block_size, num_blocks=num_blocks,
                                             max_prefill_chunk=max_batch_tokens)
-        self.pool = PagedKVPool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim,
-                                dtype=self.dtype, device=self.device)
         choice = attention if attention != "auto" else envs.attention()
         if choice not in ("auto", "sdpa", "flash", "cpp"):
             raise ValueError(f"RolloutEngine: attention must be 'auto', 'sdpa', 'flash' or 'cpp', got {attention!r}")
@@ -185,6 +183,10 @@ class RolloutEngine:
                              "videocom_fast._C extension")
         self.attn_backend = ("flash" if flash_ok and choice in ("auto", "flash") else
                              "cpp" if cpp_ok and choice in ("auto", "cpp") else "sdpa")
+        # K transposed within blocks is what the C++ kernel reads; SDPA and flash-attn read the standard layout
+        self.pool = PagedKVPool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim,
+                                dtype=self.dtype, device=self.device,
+                                layout="k_transposed" if self.attn_backend == "cpp" else "standard")
         if text_forward not in ("auto", "packed", "transformers"):
             raise ValueError(f"RolloutEngine: text_forward must be 'auto', 'packed' or 'transformers', "
                              f"got {text_forward!r}")

@@ -2,8 +2,16 @@
 
 Legend: NB blocks, BS rows per block (block_size), Hkv key/value heads, D head dim, L packed tokens.
 
-Per layer, keys and values live in `(NB, BS, Hkv, D)` tensors allocated once (so memory is bounded by
-construction: nothing grows with the number of rollouts). A sequence's KV is the concatenation of the
+Per layer, keys and values live in `(NB, BS, Hkv, D)`-shaped tensors allocated once (so memory is bounded by
+construction: nothing grows with the number of rollouts). Two storage layouts, chosen by the backend that reads
+them (`layout`):
+- "k_transposed" (CPU, the C++ kernel's): K is stored `(NB, Hkv, D, BS)`, transposed within each block, so
+  the BS scores of one query vector against a block are D broadcast-FMAs over contiguous BS-wide rows
+  (csrc/cpu/paged_attention.cpp). `pool.k[layer]` is the `(NB, BS, Hkv, D)` permuted VIEW of that storage,
+  so every torch reader (gather, copy_rows, the SDPA fallback, tests) keeps its meaning; V stays standard.
+  `write` goes through C++ (`_C.paged_kv_write`): index_put on the strided view cost 3-8 ms for a
+  4500-row step, measured.
+- "standard" (flash-attn's paged KV on CUDA, and any device without the extension): both `(NB, BS, Hkv, D)`. A sequence's KV is the concatenation of the
 rows of its blocks, in block-table order; row `p` of a sequence is slot `block_ids[p // BS] * BS + p % BS`.
 The scheduler (videocom_fast.rollout.scheduler) decides block tables; this module only moves tensors:
 
@@ -17,18 +25,39 @@ from __future__ import annotations
 
 import torch
 
+LAYOUTS = ("k_transposed", "standard")
+
+
+def default_layout(device, dtype) -> str:
+    """The layout the attention backend for (device, dtype) reads: transposed K wherever the C++ kernel runs."""
+    from .attention import cpp_available
+    return "k_transposed" if cpp_available(device, dtype) else "standard"
+
 
 class PagedKVPool:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 *, dtype=torch.float32, device="cpu"):
+                 *, dtype=torch.float32, device="cpu", layout: str = "auto"):
+        if layout == "auto":
+            layout = default_layout(device, dtype)
+        if layout not in LAYOUTS:
+            raise ValueError(f"PagedKVPool: layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+        if layout == "k_transposed" and (torch.device(device).type != "cpu"
+                                         or dtype not in (torch.float32, torch.float64)):
+            raise ValueError("PagedKVPool: layout 'k_transposed' is the CPU kernel's (float32/float64 on the CPU); "
+                             f"use 'standard' for {dtype} on {torch.device(device).type}")
         for name, v in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"PagedKVPool: {name} must be a positive int, got {v!r}")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.layout = layout
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if layout == "k_transposed":   # storage (NB, Hkv, D, BS), seen as (NB, BS, Hkv, D)
+            self.k = [torch.zeros(num_blocks, num_kv_heads, head_dim, block_size, dtype=dtype, device=device)
+                      .permute(0, 3, 1, 2) for _ in range(num_layers)]
+        else:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property
@@ -45,6 +74,16 @@ class PagedKVPool:
         return table[p // bs] * bs + p % bs
 
     def write(self, layer: int, slots_L: torch.Tensor, key_LHD: torch.Tensor, value_LHD: torch.Tensor) -> None:
+        """Rows key_LHD, value_LHD (L, Hkv, D) at flat slots (L,) of `layer` (every layer of every step)."""
+        if self.layout == "k_transposed":
+            from videocom_fast import _C
+            kp, vp = self.k[layer], self.v[layer]
+            k, v = key_LHD.detach().to(kp.dtype), value_LHD.detach().to(vp.dtype)   # (no copy when equal)
+            k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+            # the binding checks every slot against the pool (ValueError naming the index)
+            _C.paged_kv_write(kp.numpy(), vp.numpy(), slots_L.to(torch.int64).contiguous().numpy(),
+                              k.numpy(), v.numpy())
+            return
         self.k[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots_L, key_LHD.to(self.k[layer].dtype))
         self.v[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots_L, value_LHD.to(self.v[layer].dtype))
 

@@ -1,0 +1,33 @@
+// exp of float32 scores <= 0 for the paged-attention kernels. NO include guard on purpose: the kernel file
+// includes this once per namespace it compiles (the row-dot baseline and each per-target tile section), so that
+// every copy is compiled with its section's target flags.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// exp for float32 scores (inputs <= 0 after subtracting the row max): Cephes' expf polynomial, written so
+// that the loop over a row of scores vectorises (no libm call); relative error ~1 ulp. float64 keeps
+// std::exp: the fp64 path exists to compare against the naive loop, where accuracy is the point.
+inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  const float magic = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  int32_t ti, mi;
+  std::memcpy(&ti, &t, 4);
+  std::memcpy(&mi, &magic, 4);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (ti - mi + 127) << 23;      // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+inline double exp_neg(double x) { return std::exp(x); }
