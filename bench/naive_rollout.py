@@ -266,8 +266,9 @@ def _batch(encs: list[dict], pad_id: int, model) -> dict:
 
 def lockstep_rollouts(model, processor, envs: list, *, num_generations: int = 8, max_rounds: int = 5,
                       max_new_tokens: int = 512, temperature: float = 0.9, top_k: int = 50, top_p: float = 1.0,
-                      seed: int = 0, forced=None) -> list[list[NaiveResult]]:
-    """All unfinished rollouts of all samples generate each round in ONE batched `generate` (full re-prefill).
+                      seed: int = 0, forced=None, max_batch: int | None = None) -> list[list[NaiveResult]]:
+    """All unfinished rollouts of all samples generate each round in ONE batched `generate` (full re-prefill),
+    or in batches of `max_batch` rows when memory needs it (128 rows x 4k tokens of padded prefill OOM'd 24 GiB).
 
     `forced(sample_index, rollout_index, round_index) -> ids | None` scripts rounds (those rows skip generate)."""
     install_original_rope_index(model)
@@ -288,15 +289,17 @@ def lockstep_rollouts(model, processor, envs: list, *, num_generations: int = 8,
         rows = [list(sc) if sc is not None else None for sc in scripts]
         free = [i for i, sc in enumerate(scripts) if sc is None]
         encs = [encode_conversation(processor, ro["conv"]) for ro in active]   # everyone re-prefills
-        if free:
-            ids, att, kw = _batch([encs[i] for i in free], tok.pad_token_id, model)
+        step = max_batch or max(1, len(free))
+        for b0 in range(0, len(free), step):
+            part = free[b0:b0 + step]
+            ids, att, kw = _batch([encs[i] for i in part], tok.pad_token_id, model)
             L = ids.shape[1]
             out = model.generate(ids, attention_mask=att, **kw, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, top_k=top_k, top_p=top_p,
                                  suppress_tokens=suppress_ids(tok), eos_token_id=im_end,
                                  pad_token_id=tok.pad_token_id,
                                  stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]))
-            for i, row in zip(free, out[:, L:].tolist()):
+            for i, row in zip(part, out[:, L:].tolist()):
                 rows[i] = row
         for ro, row in zip(active, rows):
             gen_ids, sampled_end, truncated = _cut_round(tok, row, im_end, max_new_tokens)
