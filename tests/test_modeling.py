@@ -58,3 +58,25 @@ def test_embed_rejects_wrong_feature_count(tiny):
     ids = torch.tensor(chat.user("x", [("image", 4)]))
     with pytest.raises(ValueError, match="4 media pad tokens but 3"):
         modeling.embed(model, ids, [torch.zeros(3, 128, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("video", [True, False])
+def test_patch_embed_as_matmul_equals_the_conv3d(tiny, video):
+    """The engine's patch embedding (one matmul) gives the stock Conv3d's vision features: fp64 to 1e-12,
+    on random pixels of odd grids; the module is restored afterwards."""
+    model, _ = tiny
+    grids = torch.tensor([[2, 6, 10], [4, 2, 14]] if video else [[1, 6, 10], [1, 14, 2]])
+    pv = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, dtype=torch.float64)
+    pe = modeling.inner(model).visual.patch_embed
+    with torch.no_grad():
+        want = modeling.vision_embeds(model, pv, grids, video=video)
+        got = modeling.vision_embeds(model, pv, grids, video=video, patch_matmul=True)
+        with modeling.patch_embed_as_matmul(model):
+            assert "forward" in vars(pe)
+            direct = pe(pv)
+        assert "forward" not in vars(pe)
+        ref = pe(pv)
+    torch.testing.assert_close(direct, ref, rtol=0, atol=1e-12)
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)

@@ -7,7 +7,10 @@ Legend: L tokens, D hidden, N media items, P patches (rows of pixel_values).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
+import torch.nn.functional as F
 
 
 def inner(model):
@@ -28,14 +31,45 @@ def lm_head(model):
     return m.lm_head
 
 
-def vision_embeds(model, pixel_values_PC, grid_thw_N3, *, video: bool) -> list[torch.Tensor]:
-    """One (t*h*w/4, D) tensor per media item, after the merger (one vision-tower call for all items)."""
+def vision_embeds(model, pixel_values_PC, grid_thw_N3, *, video: bool,
+                  patch_matmul: bool = False) -> list[torch.Tensor]:
+    """One (t*h*w/4, D) tensor per media item, after the merger (one vision-tower call for all items).
+    `patch_matmul`: run the patch embedding as a matmul (see `patch_embed_as_matmul`; inference only)."""
     m = inner(model)
     if grid_thw_N3 is None or grid_thw_N3.numel() == 0:
         return []
     fn = m.get_video_features if video else m.get_image_features
-    out = fn(pixel_values_PC, grid_thw_N3)
+    with patch_embed_as_matmul(model) if patch_matmul else nullcontext():
+        out = fn(pixel_values_PC, grid_thw_N3)
     return list(out.pooler_output if hasattr(out, "pooler_output") else out)
+
+
+@contextmanager
+def patch_embed_as_matmul(model):
+    """Within the block, the vision tower's patch embedding runs as one matmul.
+
+    Qwen2.5-VL embeds patches with a Conv3d whose kernel equals its stride, applied to rows of pixel_values
+    that already ARE flattened (C, T, p, p) patches: that is `rows @ W.view(E, -1).T`. oneDNN's conv3d took
+    ~4x the matmul's time here (25 ms per 32-frame video, ~7% of the engine's time at the spec's budgets).
+    Same numbers up to summation order (tests/test_modeling.py). Leaves any other patch module untouched."""
+    pe = getattr(getattr(inner(model), "visual", None), "patch_embed", None)
+    conv = getattr(pe, "proj", None)
+    if (type(conv) is not torch.nn.Conv3d or tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding)
+            or conv.groups != 1 or pe._forward_hooks or pe._forward_pre_hooks or conv._forward_hooks
+            or conv._forward_pre_hooks or "forward" in vars(pe)):
+        yield
+        return
+    w = conv.weight
+
+    def forward(hidden_states):
+        x = hidden_states.to(w.dtype).reshape(-1, w[0].numel())
+        return F.linear(x, w.reshape(w.shape[0], -1), conv.bias)
+
+    pe.forward = forward
+    try:
+        yield
+    finally:
+        del pe.forward
 
 
 def embed(model, input_ids_L, media_embeds: list[torch.Tensor] = ()) -> torch.Tensor:

@@ -308,7 +308,7 @@ class RolloutEngine:
                 continue
             pv = torch.cat([p for _, p, _ in lst]).to(self.device)
             grids = torch.stack([g for _, _, g in lst]).to(self.device)
-            embs = modeling.vision_embeds(self.model, pv, grids, video=kind == "video")
+            embs = modeling.vision_embeds(self.model, pv, grids, video=kind == "video", patch_matmul=True)
             for (k, p, g), e in zip(lst, embs):
                 computed[k] = (p, g, e)
                 self.stats["vision_tokens_encoded"] += e.shape[0]
