@@ -9,10 +9,13 @@ What one `generate(samples)` does (the reference's costs it removes are spec sec
   leader's KV blocks (shared by reference count, last partial block copied). Each follower samples its
   first token from the leader's last logits with its own generator.
 - Every engine step: `scheduler.schedule()` picks decodes and prefill chunks under a token and a KV-block
-  budget; all their tokens are concatenated into ONE forward (B = 1) through `modeling.text_forward`
-  with explicit (3, 1, L) M-RoPE positions from each sequence's `MRopeCursor`; the custom attention
-  (attention.py) reads per-sequence query ranges, block tables and context lengths from kwargs and
-  attends to the paged pool (kv_cache.py) that `StepCache.update` wrote the step's K/V into.
+  budget; all their tokens are concatenated into ONE forward (B = 1) with explicit (3, L) M-RoPE positions
+  from each sequence's `MRopeCursor`: packed_forward.py (the decoder as plain tensor ops over the model's
+  own weights) when the model allows it, else `modeling.text_forward` (transformers' modules, e.g. with
+  PEFT adapters) with the registered paged attention. Either way the step's K/V rows go into the paged
+  pool (kv_cache.py) and `attention.attend` reads each sequence's rows through its block table.
+- Sampling: `sampling.sample` (C++ top-k/top-p draw) with counter-based uniforms keyed by (seed, sample,
+  rollout) and the token's index, so a rollout's draws never depend on who shares its step.
 - A round ends per stopping.py. Then `env.step(text)` + preprocessing run on a worker thread while the
   other sequences keep decoding; the vision tower runs between steps on the main thread, batched over
   everything that arrived, with outputs cached per group by `MediaItem.key` (the same segment, frame or
