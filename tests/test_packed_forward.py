@@ -130,6 +130,9 @@ def test_engine_falls_back_and_both_forwards_give_the_same_greedy_rollouts(tiny_
     eng_p, packed = run("packed")
     eng_t, plain = run("transformers")
     assert eng_p.packed is not None and eng_t.packed is None
+    inner = modeling.inner(model)   # the engine's attention implementations are undone after generate()
+    assert inner.visual.config._attn_implementation == "sdpa"
+    assert inner.language_model.config._attn_implementation == "sdpa"
     assert packed == plain
     assert sum(len(t[0]) for t in packed) > 6 * 300   # real episodes (media observations), not empty ones
     with pytest.raises(ValueError, match="text_forward"):
