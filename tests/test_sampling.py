@@ -146,6 +146,10 @@ def test_cpp_draw_rejects_bad_buffers():
         _C.sample_logits(x, u, 2, 1.0, out.astype(np.int32))
     with pytest.raises(ValueError, match="top_p"):
         _C.sample_logits(x, u, 2, 0.0, out)
+    with pytest.raises(ValueError, match="top_k"):
+        _C.sample_logits(x, u, -1, 1.0, out)
+    with pytest.raises(ValueError, match="impl"):
+        sample(torch.zeros(3, 5), SamplingParams(), uniforms=u, impl="numpy")
     with pytest.raises(ValueError, match="uniforms"):
         sample(torch.zeros(3, 5), SamplingParams(), uniforms=np.full(3, np.nan))
 

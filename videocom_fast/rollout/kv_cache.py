@@ -11,8 +11,9 @@ them (`layout`):
   so every torch reader (gather, copy_rows, the SDPA fallback, tests) keeps its meaning; V stays standard.
   `write` goes through C++ (`_C.paged_kv_write`): index_put on the strided view cost 3-8 ms for a
   4500-row step, measured.
-- "standard" (flash-attn's paged KV on CUDA, and any device without the extension): both `(NB, BS, Hkv, D)`. A sequence's KV is the concatenation of the
-rows of its blocks, in block-table order; row `p` of a sequence is slot `block_ids[p // BS] * BS + p % BS`.
+- "standard" (flash-attn's paged KV on CUDA, and any device without the extension): both `(NB, BS, Hkv, D)`.
+A sequence's KV is the concatenation of the rows of its blocks, in block-table order; row `p` of a sequence
+is slot `block_ids[p // BS] * BS + p % BS`.
 The scheduler (videocom_fast.rollout.scheduler) decides block tables; this module only moves tensors:
 
 - `StepCache` is the duck-typed `past_key_values` handed to the model for one packed forward. transformers
