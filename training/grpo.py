@@ -182,12 +182,36 @@ def reference_weights(policy, ref):
             yield policy
 
 
+@contextlib.contextmanager
 def _gathered(engine):
-    """ZeRO-3 partitions weights; rollouts need them whole on each rank."""
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
-    return contextlib.nullcontext()
+    """ZeRO-3 partitions weights; rollouts need them whole on each rank.
+
+    While gathered, ZeRO-3's module hooks are taken off and put back after (as TRL's
+    unwrap_model_for_generation does): they would fetch and prefetch parameters that are already whole, and
+    a prefetch still in flight when the gather ends fails ("Cannot partition a param in flight", seen in CI).
+    Without the hooks the rollout engine can also use its packed forward."""
+    if engine is None or engine.zero_optimization_stage() != 3:
+        yield
+        return
+    import deepspeed
+    off = getattr(engine.optimizer, "parameter_offload", None) or engine.optimizer
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        if not hasattr(off, "forward_hooks"):
+            yield
+            return
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for h in off.forward_hooks + off.backward_hooks:
+            h.remove()
+        off.forward_hooks, off.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            coord = getattr(off, "param_coordinator", None)
+            if coord is not None and not coord.is_invalid_trace():
+                coord._invalidate_trace()   # the trace recorded before the rollout is stale now
+            off._register_deepspeed_module(off.module)
 
 
 # --- rewards and episode statistics -----------------------------------------------------------------
