@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from videocom_fast.mrope import install_original_rope_index, mm_token_type_ids
@@ -148,6 +148,24 @@ class _RoundStop(StoppingCriteria):
         return torch.tensor(done, device=input_ids.device)
 
 
+class _Force(LogitsProcessor):
+    """Scripted rounds still GENERATE (test/bench hook): row b's i-th new token is scripts[b][i] while its
+    script lasts (every other logit -inf), so a scripted round costs what a free one does (prefill + one
+    decode per token), as in the reference where the model emits these tokens itself. Rows whose script is
+    None sample freely. Runs after generate's own processors (temperature, top-k), so the draw is certain."""
+
+    def __init__(self, scripts: list, prompt_len: int):
+        self.scripts, self.prompt_len = scripts, prompt_len
+
+    def __call__(self, input_ids, scores):
+        i = input_ids.shape[1] - self.prompt_len
+        for b, sc in enumerate(self.scripts):
+            if sc is not None and i < len(sc):
+                scores[b] = float("-inf")
+                scores[b, sc[i]] = 0.0
+        return scores
+
+
 def _cut_round(tokenizer, gen: list[int], im_end: int, max_new_tokens: int) -> tuple[list[int], bool, bool]:
     """Apply the round stopping rule to a token list: (round ids incl. <|im_end|>, sampled_end, truncated)."""
     for i, t in enumerate(gen[:max_new_tokens]):
@@ -187,7 +205,8 @@ class NaiveResult:
 
 def naive_rollout(model, processor, env, *, max_rounds: int = 5, max_new_tokens: int = 512, greedy: bool = True,
                   temperature: float = 1.0, forced=None) -> NaiveResult:
-    """One episode, the slow way. `forced(round_index) -> ids | None` scripts rounds (test hook)."""
+    """One episode, the slow way. `forced(round_index) -> ids | None` scripts rounds (test hook; the scripted
+    tokens are generated, see `_Force`)."""
     install_original_rope_index(model)
     tok = processor.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -198,21 +217,18 @@ def naive_rollout(model, processor, env, *, max_rounds: int = 5, max_new_tokens:
     for r in range(max_rounds):
         enc = encode_conversation(processor, conv)
         script = forced(r) if forced is not None else None
-        if script is not None:
-            ids, sampled_end, truncated = _cut_round(tok, list(script), im_end, max_new_tokens)
-            gen_lp.extend([None] * (len(ids) - (0 if sampled_end else 1)))
-        else:
-            L = enc["input_ids"].shape[1]
-            out = model.generate(enc["input_ids"].to(model.device), attention_mask=torch.ones_like(enc["input_ids"]).to(model.device),
-                                 **_media_kwargs(enc, model), max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                 temperature=None if greedy else temperature, top_k=None, top_p=None,
-                                 suppress_tokens=suppress_ids(tok), eos_token_id=im_end,
-                                 pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]),
-                                 return_dict_in_generate=True, output_logits=True)
-            gen = out.sequences[0, L:].tolist()
-            ids, sampled_end, truncated = _cut_round(tok, gen, im_end, max_new_tokens)
-            n_gen = len(ids) - (0 if sampled_end else 1)
-            gen_lp.extend(float((out.logits[i][0].double() / temperature).log_softmax(-1)[ids[i]]) for i in range(n_gen))
+        L = enc["input_ids"].shape[1]
+        out = model.generate(enc["input_ids"].to(model.device), attention_mask=torch.ones_like(enc["input_ids"]).to(model.device),
+                             **_media_kwargs(enc, model), max_new_tokens=max_new_tokens, do_sample=not greedy,
+                             temperature=None if greedy else temperature, top_k=None, top_p=None,
+                             suppress_tokens=suppress_ids(tok), eos_token_id=im_end,
+                             pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]),
+                             logits_processor=LogitsProcessorList([_Force([script], L)]) if script is not None else None,
+                             return_dict_in_generate=True, output_logits=True)
+        gen = out.sequences[0, L:].tolist()
+        ids, sampled_end, truncated = _cut_round(tok, gen, im_end, max_new_tokens)
+        n_gen = len(ids) - (0 if sampled_end else 1)
+        gen_lp.extend(float((out.logits[i][0].double() / temperature).log_softmax(-1)[ids[i]]) for i in range(n_gen))
         conv.rounds.append(ids)
         conv.injected.append(not sampled_end)
         text = tok.decode(ids[:-1])
@@ -270,7 +286,8 @@ def lockstep_rollouts(model, processor, envs: list, *, num_generations: int = 8,
     """All unfinished rollouts of all samples generate each round in ONE batched `generate` (full re-prefill),
     or in batches of `max_batch` rows when memory needs it (128 rows x 4k tokens of padded prefill OOM'd 24 GiB).
 
-    `forced(sample_index, rollout_index, round_index) -> ids | None` scripts rounds (those rows skip generate)."""
+    `forced(sample_index, rollout_index, round_index) -> ids | None` scripts rounds (`_Force`: scripted rows
+    generate their script token by token in the same batch)."""
     install_original_rope_index(model)
     torch.manual_seed(seed)
     tok = processor.tokenizer
@@ -286,19 +303,20 @@ def lockstep_rollouts(model, processor, envs: list, *, num_generations: int = 8,
         if not active:
             break
         scripts = [forced(ro["si"], ro["ri"], r) if forced is not None else None for ro in active]
-        rows = [list(sc) if sc is not None else None for sc in scripts]
-        free = [i for i, sc in enumerate(scripts) if sc is None]
+        rows = [None] * len(active)
         encs = [encode_conversation(processor, ro["conv"]) for ro in active]   # everyone re-prefills
-        step = max_batch or max(1, len(free))
-        for b0 in range(0, len(free), step):
-            part = free[b0:b0 + step]
+        step = max_batch or len(active)
+        for b0 in range(0, len(active), step):
+            part = list(range(b0, min(b0 + step, len(active))))
             ids, att, kw = _batch([encs[i] for i in part], tok.pad_token_id, model)
             L = ids.shape[1]
+            force = [scripts[i] for i in part]
             out = model.generate(ids, attention_mask=att, **kw, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, top_k=top_k, top_p=top_p,
                                  suppress_tokens=suppress_ids(tok), eos_token_id=im_end,
                                  pad_token_id=tok.pad_token_id,
-                                 stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]))
+                                 stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]),
+                                 logits_processor=LogitsProcessorList([_Force(force, L)]) if any(force) else None)
             for i, row in zip(part, out[:, L:].tolist()):
                 rows[i] = row
         for ro, row in zip(active, rows):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers_rollout import env_factory, forced_scripts, rollout_samples, tiny_dir  # noqa: F401
-from bench.naive_rollout import naive_rollout
+from bench.naive_rollout import lockstep_rollouts, naive_rollout
 from videocom_fast import modeling
 from videocom_fast.models import load
 from videocom_fast.mrope import mm_token_type_ids, sequence_positions
@@ -63,6 +63,23 @@ def test_greedy_equals_naive_loop_free_running(model64, rollout_samples, attenti
     # greedy rollouts of one group (forked from one prefill) are identical
     for g in trajs:
         assert g[0].token_ids == g[1].token_ids
+
+
+def test_lockstep_baseline_generates_the_scripted_rounds(model32, rollout_samples):
+    """The lock-step baseline decodes scripted rounds (forced logits) in batches of mixed rows; its rounds
+    are the scripts cut by the engine's stopping rule (odd rollouts: the action line ends at its newline)."""
+    model, proc = model32
+    samples = rollout_samples[:2]
+    fs = forced_scripts(samples, proc.tokenizer)
+    make_env = env_factory()
+    res = lockstep_rollouts(model, proc, [make_env(s) for s in samples], num_generations=3, max_rounds=3,
+                            max_new_tokens=40, forced=fs, max_batch=4)
+    for si, group in enumerate(res):
+        assert len(group) == 3
+        for ri, r in enumerate(group):
+            want = [proc.tokenizer.decode(fs(si, ri, k)) for k in range(3)]
+            want = [w.replace("<|im_end|>", "") if ri % 2 == 0 else w[:w.index("\n") + 1] for w in want]
+            assert r.round_texts == want, (si, ri)
 
 
 def test_chunked_prefill_and_preemption_keep_greedy_tokens(model64, rollout_samples):
