@@ -16,15 +16,21 @@ What one `generate(samples)` does (the reference's costs it removes are spec sec
   pool (kv_cache.py) and `attention.attend` reads each sequence's rows through its block table.
 - Sampling: `sampling.sample` (C++ top-k/top-p draw) with counter-based uniforms keyed by (seed, sample,
   rollout) and the token's index, so a rollout's draws never depend on who shares its step.
-- A round ends per stopping.py. Then `env.step(text)` + preprocessing run on a worker thread while the
-  other sequences keep decoding; the vision tower runs between steps on the main thread, batched over
-  everything that arrived, with outputs cached per group by `MediaItem.key` (the same segment, frame or
-  crop asked by several rollouts is encoded once). The observation (newline + user turn + assistant
+- A round ends per stopping.py. Then `env.step(text)`, preprocessing (once per group and media key) and
+  the observation's token ids and M-RoPE positions run on a worker thread while the other sequences keep
+  decoding; the vision tower (vision_forward.py when the model allows it, else transformers') runs between
+  steps on the main thread, batched over everything that arrived, with outputs cached per group by
+  `MediaItem.key` (the same segment, frame or crop asked by several rollouts is encoded once). The observation (newline + user turn + assistant
   header, videocom_fast.chat) is appended and prefilled on top of the KV already there: no token is ever
   prefilled twice unless the scheduler preempted its sequence (then it is recomputed from its own
   tokens, media embeddings kept).
 - No dummy rounds after the answer (defect 10); positions by the original M-RoPE rule, incrementally
   (defect 1); token in / token out (defect 8); fp32 log-probs (defect 9).
+
+Positions: the three M-RoPE rows of a generated token are equal, so a round's text tokens keep only their
+first position (`_Seq.pending_pos`) and are written to the (3, n) table in one slice when something reads
+a range of it (a prefill chunk, the observation that follows, the finished Trajectory).
+`text_forward="transformers"` runs transformers' modules for the vision tower too.
 
 Choice on stopped rounds: a round the engine ends itself (completed action line, per-round token
 limit) gets an injected, not generated, <|im_end|> before the observation (Trajectory docstring).
@@ -33,6 +39,7 @@ Finish reasons: "answer", "max_rounds", "max_new_tokens" (the last round hit the
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -41,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import envs, modeling
+from .. import envs, modeling, vision_forward
 from ..chat import ChatTokens, num_media_tokens
 from ..mrope import MRopeCursor
 from ..protocol import parse_action
@@ -73,6 +80,8 @@ class _Group:
     sample_index: int
     seqs: list = field(default_factory=list)
     vision: dict = field(default_factory=dict)   # MediaItem.key -> (pixel_values, grid, embeds)
+    prep: dict = field(default_factory=dict)     # MediaItem.key -> (pixel_values, grid), filled by workers
+    lock: threading.Lock = field(default_factory=threading.Lock)
     forked: bool = False
     live: int = 0
 
@@ -85,7 +94,10 @@ class _Seq:
         self.logprobs = [0.0] * len(prompt_ids)
         self.pos = torch.empty(3, max(256, 2 * len(prompt_ids)), dtype=torch.long)
         self.pos[:, :len(prompt_ids)] = prompt_pos
-        self._pos_np = self.pos.numpy()   # same memory: a numpy element write costs ~0.1 us, torch's ~10 us
+        self._pos_np = self.pos.numpy()   # same memory: numpy slices cost ~10x less than torch's
+        # positions of tokens [0, written) are in `pos`; the text tokens appended since (sampled or injected)
+        # are consecutive from `pending_pos`, written in one slice when needed (`flush_pos`), not per token
+        self.written, self.pending_pos = len(prompt_ids), 0
         self.cursor = cursor
         self.blocks = list(blocks)
         self.traj = traj
@@ -96,16 +108,36 @@ class _Seq:
         self.done = False
         self.sched_finished = False
 
-    def push_pos(self, p_3n: torch.Tensor) -> None:
-        n0, k = len(self.tokens) - p_3n.shape[1], p_3n.shape[1]
+    def append_text(self, tok: int, generated: bool, logprob: float) -> None:
+        """Append one text token (sampled, or an injected <|im_end|>) at the cursor's next position."""
+        if self.written == len(self.tokens):
+            self.pending_pos = self.cursor.next_position
+        self.cursor.next_position += 1
+        self.tokens.append(tok)
+        self.mask.append(generated)
+        self.logprobs.append(logprob)
+
+    def text_position(self, i: int) -> int:
+        """Position of text token i (all three M-RoPE rows are equal for text)."""
+        return self.pending_pos + i - self.written if i >= self.written else int(self._pos_np[0, i])
+
+    def flush_pos(self) -> None:
+        n, w = len(self.tokens), self.written
+        if n > w:
+            self._grow(n)
+            self._pos_np[:, w:n] = np.arange(self.pending_pos, self.pending_pos + n - w)
+            self.written = n
+
+    def append_block(self, ids: list[int], p_3n: torch.Tensor) -> None:
+        """Append prefilled (not generated) tokens with their positions (an observation turn)."""
+        self.flush_pos()
+        n0, k = len(self.tokens), len(ids)
+        self.tokens.extend(ids)
+        self.mask.extend([False] * k)
+        self.logprobs.extend([0.0] * k)
         self._grow(n0 + k)
         self.pos[:, n0:n0 + k] = p_3n
-
-    def push_text_pos(self) -> None:
-        n = len(self.tokens) - 1
-        self._grow(n + 1)
-        self._pos_np[:, n] = self.cursor.next_position
-        self.cursor.next_position += 1
+        self.written = n0 + k
 
     def _grow(self, need: int) -> None:
         if need > self.pos.shape[1]:
@@ -198,6 +230,7 @@ class RolloutEngine:
         self.suppress_ids = torch.tensor([c.vision_start, c.vision_end, c.image_pad, c.video_pad, c.im_start],
                                          device=self.device)
         self._pieces: dict[int, str] = {}
+        self._vision_fwd = None   # vision_forward.VisionForward, kept across generate() calls (grid-plan cache)
         self.stats: dict = {}
 
     # --- public ---------------------------------------------------------------------------------------
@@ -219,6 +252,7 @@ class RolloutEngine:
                           env_s=0.0, env_wait_s=0.0, steps=0, preemptions=0, kv_budget_finishes=0, rounds=0)
         t0 = time.perf_counter()
         self.packed = self._packed_forward()
+        self.vision = self._vision_forward()
         prev_attn = modeling.inner(self.model).language_model.config._attn_implementation
         self.model.set_attn_implementation({"text_config": attn.register()})
         try:
@@ -247,6 +281,15 @@ class RolloutEngine:
         if self.text_forward == "packed":
             raise ValueError(f"RolloutEngine: text_forward='packed' cannot run this model ({reason})")
         return None
+
+    def _vision_forward(self):
+        """(pixel_values, grids, video) -> embeddings: vision_forward.VisionForward when the model allows it
+        (checked per call of generate, like the packed text forward), else transformers' tower."""
+        if self.text_forward != "transformers" and vision_forward.supports(self.model) is None:
+            if self._vision_fwd is None:
+                self._vision_fwd = vision_forward.VisionForward(self.model)
+            return lambda pv, grids, video: self._vision_fwd(pv, grids)
+        return lambda pv, grids, video: modeling.vision_embeds(self.model, pv, grids, video=video, patch_matmul=True)
 
     # --- main loop ------------------------------------------------------------------------------------
 
@@ -311,7 +354,7 @@ class RolloutEngine:
                 continue
             pv = torch.cat([p for _, p, _ in lst]).to(self.device)
             grids = torch.stack([g for _, _, g in lst]).to(self.device)
-            embs = modeling.vision_embeds(self.model, pv, grids, video=kind == "video", patch_matmul=True)
+            embs = self.vision(pv, grids, kind == "video")
             for (k, p, g), e in zip(lst, embs):
                 computed[k] = (p, g, e)
                 self.stats["vision_tokens_encoded"] += e.shape[0]
@@ -322,7 +365,7 @@ class RolloutEngine:
                 self.stats["env_s"] += dt
                 self._add_group(who, env, items[0], computed[(id(None), items[0].key)])
             elif not who.done:
-                obs, items, prep, dt = res
+                obs, items, prep, dt, turn = res
                 self.stats["env_s"] += dt
                 enc = []
                 for item in items:
@@ -333,7 +376,7 @@ class RolloutEngine:
                     else:
                         self.stats["vision_cache_hits"] += 1
                     enc.append(hit)
-                self._apply_observation(who, obs, enc)
+                self._apply_observation(who, obs, enc, turn)
 
     # --- worker-thread jobs (no model calls) -----------------------------------------------------------
 
@@ -350,11 +393,30 @@ class RolloutEngine:
         prep = preprocess_items([item], self.processor, self.dtype)
         return env, [item], prep, time.perf_counter() - t
 
-    def _run_env(self, env, text):
+    def _run_env(self, s: _Seq, text: str, cursor: MRopeCursor):
+        """env.step, preprocessing (once per group and media key: the G rollouts of a group often ask for
+        the same segment, frame or crop) and the observation's token ids and positions (from `cursor`, the
+        sequence's own, copied when its round ended)."""
         t = time.perf_counter()
-        obs = env.step(text)
-        prep = preprocess_items(obs.media, self.processor, self.dtype)
-        return obs, list(obs.media), prep, time.perf_counter() - t
+        obs = s.env.step(text)
+        group = s.group
+        prep = []
+        for item in obs.media:
+            with group.lock:
+                hit = group.prep.get(item.key)
+            if hit is None:
+                hit = preprocess_items([item], self.processor, self.dtype)[0]
+                with group.lock:
+                    hit = group.prep.setdefault(item.key, hit)
+            prep.append(hit)
+        turn = None
+        if not obs.done:
+            c = self.chat
+            ids = c.observation(obs.text, [(item.kind, num_media_tokens(g)) for item, (_, g) in zip(obs.media, prep)])
+            pos = positions_for(cursor, ids, [(item.kind, g, item.second_per_grid_t)
+                                              for item, (_, g) in zip(obs.media, prep)], c.image_pad, c.video_pad)
+            turn = (ids, pos, cursor)
+        return obs, list(obs.media), prep, time.perf_counter() - t, turn
 
     # --- groups and observations ----------------------------------------------------------------------
 
@@ -377,27 +439,20 @@ class RolloutEngine:
             self.seqs[sid] = s
         self.groups[sample_index] = group
 
-    def _apply_observation(self, s: _Seq, obs, enc) -> None:
+    def _apply_observation(self, s: _Seq, obs, enc, turn) -> None:
         t = s.traj
         t.actions.append(obs.action)
         t.observations.append(obs)
         if obs.done:
             self._finish(s, "answer")
             return
-        c = self.chat
-        media = [(item.kind, num_media_tokens(g)) for item, (_, g, _) in zip(obs.media, enc)]
-        ids = c.observation(obs.text, media)
+        ids, pos, s.cursor = turn
         base = len(s.tokens)
         self.stats["kv_reuse_tokens"] += base
-        pos = positions_for(s.cursor, ids, [(item.kind, g, item.second_per_grid_t)
-                                            for item, (_, g, _) in zip(obs.media, enc)], c.image_pad, c.video_pad)
-        starts = [i for i, x in enumerate(ids) if x == c.vision_start]
+        starts = [i for i, x in enumerate(ids) if x == self.chat.vision_start]
         for item, (pv, g, e), st in zip(obs.media, enc, starts):
             s.blocks.append(_Block(item, base + st + 1, e, pv, g))
-        s.tokens.extend(ids)
-        s.mask.extend([False] * len(ids))
-        s.logprobs.extend([0.0] * len(ids))
-        s.push_pos(pos)
+        s.append_block(ids, pos)
         s.round_start, s.round_len, s.truncated = len(s.tokens), 0, False
         self._sync(s)
 
@@ -412,36 +467,47 @@ class RolloutEngine:
     def _step(self, out) -> None:
         chunks = out.scheduled
         bs = self.pool.block_size
-        ids, pos, slots, q_starts, q_lens, ctx, tables, media_rows = [], [], [], [], [], [], [], []
+        ids, slots, q_starts, q_lens, ctx, tables, media_rows = [], [], [], [], [], [], []
+        dec_rows, dec_pos, pre = [], [], []   # decodes: (row, text position); prefills: (row, (3, n) view)
+        seqs = self.seqs
         for c in chunks:
-            s = self.seqs[c.seq_id]
-            a, b = c.start, c.start + c.num_tokens
-            q_starts.append(len(ids))
-            ids.extend(s.tokens[a:b])
-            pos.append(s._pos_np[:, a:b])    # numpy views: ~10x cheaper than slicing torch tensors
+            s = seqs[c.seq_id]
+            a, n = c.start, c.num_tokens
+            row = len(ids)
+            q_starts.append(row)
             t = c.block_ids
-            if b - a == 1:
+            if not c.is_prefill:   # one text token: the one sampled last step
+                ids.append(s.tokens[a])
+                dec_rows.append(row)
+                dec_pos.append(s.text_position(a))
                 slots.append(t[a // bs] * bs + a % bs)
             else:
+                b = a + n
+                s.flush_pos()
+                ids.extend(s.tokens[a:b])
+                pre.append((row, s._pos_np[:, a:b]))
                 slots.extend(t[p // bs] * bs + p % bs for p in range(a, b))
-            q_lens.append(c.num_tokens)
-            ctx.append(b)
-            tables.append(t)
-            if c.is_prefill:
                 for blk in s.blocks:
                     lo, hi = max(a, blk.offset), min(b, blk.offset + blk.embeds.shape[0])
                     if lo < hi:
-                        media_rows.append((q_starts[-1] + lo - a, hi - lo, blk.embeds, lo - blk.offset))
-                self.stats["prefill_tokens"] += c.num_tokens
-            else:
-                self.stats["decode_tokens"] += 1
+                        media_rows.append((row + lo - a, hi - lo, blk.embeds, lo - blk.offset))
+            q_lens.append(n)
+            ctx.append(a + n)
+            tables.append(t)
+        self.stats["decode_tokens"] += len(dec_rows)
+        self.stats["prefill_tokens"] += len(ids) - len(dec_rows)
+        pos_3L = np.empty((3, len(ids)), dtype=np.int64)
+        if dec_rows:
+            pos_3L[:, dec_rows] = dec_pos
+        for row, p in pre:
+            pos_3L[:, row:row + p.shape[1]] = p
         t0 = time.perf_counter()
         m = modeling.inner(self.model)
         ids_L = torch.tensor(ids, device=self.device)
         x_LD = m.get_input_embeddings()(ids_L)
         for row, n, emb, src in media_rows:
             x_LD[row:row + n] = emb[src:src + n].to(x_LD.dtype)
-        pos_3L = torch.from_numpy(np.concatenate(pos, axis=1)).to(self.device)
+        pos_3L = torch.from_numpy(pos_3L).to(self.device)
         meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
         slots_L = torch.tensor(slots, device=self.device)
         if self.packed is not None:
@@ -495,6 +561,7 @@ class RolloutEngine:
                         logp = (logits.to(torch.promote_types(logits.dtype, torch.float32))
                                 / self.params.temperature).log_softmax(-1)
                     lps[k] = float(logp[k, tokens[k]])
+        self.stats["generated_tokens"] += len(who)
         for s, tok, lp in zip(who, tokens, lps):
             self._on_token(s, tok, lp)
 
@@ -507,12 +574,8 @@ class RolloutEngine:
         return p
 
     def _on_token(self, s: _Seq, tok: int, lp: float) -> None:
-        s.tokens.append(tok)
-        s.mask.append(True)
-        s.logprobs.append(lp)
-        s.push_text_pos()
+        s.append_text(tok, True, lp)
         s.round_len += 1
-        self.stats["generated_tokens"] += 1
         if tok == self.chat.im_end:
             self._end_round(s, sampled_end=True)
         elif has_line_break(self._piece(tok)) and action_line_done(self.chat.decode(s.tokens[s.round_start:])):
@@ -527,10 +590,7 @@ class RolloutEngine:
         end = len(s.tokens)
         text = self.chat.decode(s.tokens[s.round_start:end - (1 if sampled_end else 0)])
         if not sampled_end:   # injected <|im_end|>: keeps Qwen's turn format, never trained on
-            s.tokens.append(self.chat.im_end)
-            s.mask.append(False)
-            s.logprobs.append(0.0)
-            s.push_text_pos()
+            s.append_text(self.chat.im_end, False, 0.0)
         t = s.traj
         t.rounds.append((s.round_start, end))
         t.round_texts.append(text)
@@ -550,7 +610,7 @@ class RolloutEngine:
             self._finish(s, "max_new_tokens" if s.truncated else "max_rounds")
             return
         self.sched.await_observation(s.sid)
-        self.futures[self.workers.submit(self._run_env, s.env, text)] = ("obs", s)
+        self.futures[self.workers.submit(self._run_env, s, text, s.cursor.copy())] = ("obs", s)
 
     def _finish(self, s: _Seq, reason: str) -> None:
         if s.done:
@@ -566,6 +626,7 @@ class RolloutEngine:
             t.observations.append(None)
         t.finish_reason = reason
         t.token_ids, t.generated_mask, t.logprobs = s.tokens, s.mask, s.logprobs
+        s.flush_pos()
         t.position_ids = s.pos[:, :len(s.tokens)].clone()
         t.media = [b.item for b in s.blocks]
         imgs = [b for b in s.blocks if b.item.kind == "image"]
@@ -586,6 +647,7 @@ class RolloutEngine:
         if g.live == 0:
             g.seqs.clear()
             g.vision.clear()
+            g.prep.clear()
             del self.groups[g.gid]
 
     # --- model facts --------------------------------------------------------------------------------------
