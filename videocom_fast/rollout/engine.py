@@ -552,15 +552,18 @@ class RolloutEngine:
         tokens, lps = sample(logits, self.params, suppress_ids=self.suppress_ids, uniforms=u)
         tokens, lps = tokens.tolist(), lps.tolist()
         if self.forced_rounds is not None:
-            logp = None
+            forced = []
             for k, s in enumerate(who):
                 script = self.forced_rounds(s.group.sample_index, s.rollout_index, len(s.traj.rounds))
                 if script is not None and s.round_len < len(script):
                     tokens[k] = int(script[s.round_len])
-                    if logp is None:   # one log-softmax for all rows, not one per scripted token
-                        logp = (logits.to(torch.promote_types(logits.dtype, torch.float32))
-                                / self.params.temperature).log_softmax(-1)
-                    lps[k] = float(logp[k, tokens[k]])
+                    forced.append(k)
+            if forced:   # one log-softmax and one gather for all scripted rows
+                logp = (logits.to(torch.promote_types(logits.dtype, torch.float32))
+                        / self.params.temperature).log_softmax(-1)
+                ks = torch.tensor(forced)
+                for k, lp in zip(forced, logp[ks, torch.tensor([tokens[k] for k in forced])].tolist()):
+                    lps[k] = lp
         self.stats["generated_tokens"] += len(who)
         for s, tok, lp in zip(who, tokens, lps):
             self._on_token(s, tok, lp)
