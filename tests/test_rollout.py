@@ -159,15 +159,25 @@ def test_same_seed_same_rollouts_different_seed_differs(model32, rollout_samples
     assert eng.stats["prefix_tokens_shared"] > 0 and eng.stats["scheduler"]["num_forks"] == 2 * 3
 
 
-def test_vision_cache_shares_identical_requests_within_a_group(model32, rollout_samples):
+def test_vision_cache_shares_identical_requests_within_a_group(model32, rollout_samples, monkeypatch):
+    from videocom_fast.rollout import engine as engine_mod
     model, proc = model32
     samples = rollout_samples[:2]
+    prepped = []
+
+    def counting(items, *a, **k):
+        prepped.extend(item.key for item in items)
+        return real(items, *a, **k)
+    real = engine_mod.preprocess_items
+    monkeypatch.setattr(engine_mod, "preprocess_items", counting)
     eng = _engine(model, proc, samples, max_rounds=4)
     trajs = eng.generate(samples, num_generations=4, greedy=True)
     assert all(o.reason == "ok" for g in trajs for t in g for o in t.observations[:3])
     # 4 rollouts x 3 forced manipulations per group: each distinct request is encoded once per group
     assert eng.stats["vision_cache_misses"] == 2 * 3
     assert eng.stats["vision_cache_hits"] == 2 * 3 * 3
+    # ... and preprocessed once per group: 2 main videos + 2 x 3 observations, no key twice
+    assert len(prepped) == 2 + 2 * 3 and len(set(prepped)) == len(prepped)
 
 
 def test_bad_arguments(model32):
