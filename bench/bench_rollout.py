@@ -12,7 +12,7 @@ Two media budgets, each its own pair of groups:
   ~200-token prompts, so forwards are cheap and per-token overheads dominate;
 - "spec" (env.MediaConfig defaults = the method's budgets, spec section 3: 32-frame main video and 16-frame
   rewatch at up to 360*420 pixels per frame, images up to 128*28*28): ~2,300-token prompts, what a
-  Video-CoM rollout really carries. The naive loop then takes ~5 minutes; the whole file ~8 minutes.
+  Video-CoM rollout really carries. The naive loop then takes ~3.5 minutes, lock-step ~8; the file ~13.
 
 Groups (benchtable compares the benchmarks of one group; each group runs ONE workload, the issue's scale;
 the spec-budget groups are named rollout_spec_vs_*):
