@@ -123,10 +123,23 @@ def test_plan_cache_is_bounded_and_reused(models):
     assert len(vf._plans) <= 16
     pv, g = _pixels([(1, 2, 40)], torch.float32)
     a = vf(pv, g)[0]
-    plan = vf._plans[((1, 2, 40),)]
+    plan = vf._plans[(((1, 2, 40),), "cpu")]
     b = vf(pv, g)[0]
-    assert vf._plans[((1, 2, 40),)] is plan
+    assert vf._plans[(((1, 2, 40),), "cpu")] is plan
     assert torch.equal(a, b)
+
+
+def test_plan_moves_every_tensor_to_the_activations_device(models):
+    """On CUDA the plan's index tables must live on the GPU (index_select refuses CPU indices there):
+    `_Plan.to` moves all of them; checked here with the meta device."""
+    vf = VisionForward(models[torch.float32])
+    pv, g = _pixels([(2, 4, 6), (3, 10, 14)], torch.float32)
+    vf(pv, g)
+    plan = next(iter(vf._plans.values())).to("meta")
+    tensors = [plan.units_U, plan.out_U, plan.cos_RD, plan.sin_RD, plan.window.gather_U, plan.window.scatter_U,
+               plan.frame.gather_U, plan.frame.scatter_U]
+    assert any(t is not None for t in tensors[4:])   # at least one grouping reorders rows
+    assert all(t is None or t.device.type == "meta" for t in tensors)
 
 
 def test_empty_grid(models):

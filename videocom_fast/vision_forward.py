@@ -131,6 +131,13 @@ class _Plan:
     sin_RD: torch.Tensor
     split_sizes: list
 
+    def to(self, device) -> "_Plan":
+        """The plan with every tensor on `device` (index tensors must live with the activations)."""
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        grp = lambda g: _Groups(mv(g.gather_U), mv(g.scatter_U), g.shapes)  # noqa: E731
+        return _Plan(mv(self.units_U), mv(self.out_U), grp(self.window), grp(self.frame), mv(self.cos_RD),
+                     mv(self.sin_RD), self.split_sizes)
+
 
 def _units_hf_order(grid: list, merge: int, win: int):
     """Per item: HF's window order of merge units (global unit ids), each unit's window length (rows) and
@@ -276,8 +283,10 @@ class VisionForward:
         self.model = model
         self._plans: OrderedDict = OrderedDict()
 
-    def _plan(self, grid: tuple, vis) -> _Plan:
-        plan = self._plans.get(grid)
+    def _plan(self, grid: tuple, vis, device) -> _Plan:
+        """The grid's plan on `device` (built on the CPU once, moved once per device, LRU-cached)."""
+        key = (grid, str(device))
+        plan = self._plans.get(key)
         if plan is None:
             cfg = vis.config
             n_full = sum(i in cfg.fullatt_block_indexes for i in range(len(vis.blocks)))
@@ -285,11 +294,13 @@ class VisionForward:
                                cfg.window_size // cfg.spatial_merge_size // cfg.patch_size,
                                vis.rotary_pos_emb.inv_freq.detach().cpu(), float(vis.rotary_pos_emb.attention_scaling),
                                primary_is_window=len(vis.blocks) - n_full >= n_full)
-            self._plans[grid] = plan
+            if torch.device(device).type != "cpu":
+                plan = plan.to(device)
+            self._plans[key] = plan
             while len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         else:
-            self._plans.move_to_end(grid)
+            self._plans.move_to_end(key)
         return plan
 
     def _check(self, pixel_values_PC, grid_thw_N3, vis) -> tuple:
@@ -321,13 +332,13 @@ class VisionForward:
         if grid_thw_N3 is None or grid_thw_N3.numel() == 0:
             return []
         grid = self._check(pixel_values_PC, grid_thw_N3, vis)
-        plan = self._plan(grid, vis)
         dev = pixel_values_PC.device
+        plan = self._plan(grid, vis, dev)
         w = vis.patch_embed.proj.weight
         # patch embedding: Conv3d with kernel == stride on rows that already are patches = one matmul
         x = pixel_values_PC.to(w.dtype)
-        h_RD = _units(F.linear(x, w.reshape(w.shape[0], -1)), plan.units_U.to(dev))
-        cos, sin = plan.cos_RD.to(dev), plan.sin_RD.to(dev)
+        h_RD = _units(F.linear(x, w.reshape(w.shape[0], -1)), plan.units_U)
+        cos, sin = plan.cos_RD, plan.sin_RD
         full = set(vis.config.fullatt_block_indexes)
         for i, blk in enumerate(vis.blocks):
             a = blk.attn
@@ -344,4 +355,4 @@ class VisionForward:
         z = _rms_norm(h_RD, mg.ln_q).view(-1, mg.hidden_size)
         z = F.linear(F.gelu(F.linear(z, mg.mlp[0].weight, mg.mlp[0].bias), approximate=mg.mlp[1].approximate),
                      mg.mlp[2].weight, mg.mlp[2].bias)
-        return list(z.index_select(0, plan.out_U.to(dev)).split(plan.split_sizes))
+        return list(z.index_select(0, plan.out_U).split(plan.split_sizes))
