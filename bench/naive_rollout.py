@@ -217,13 +217,14 @@ def naive_rollout(model, processor, env, *, max_rounds: int = 5, max_new_tokens:
     for r in range(max_rounds):
         enc = encode_conversation(processor, conv)
         script = forced(r) if forced is not None else None
-        L = enc["input_ids"].shape[1]
-        out = model.generate(enc["input_ids"].to(model.device), attention_mask=torch.ones_like(enc["input_ids"]).to(model.device),
-                             **_media_kwargs(enc, model), max_new_tokens=max_new_tokens, do_sample=not greedy,
+        ids_1L = enc["input_ids"].to(model.device)
+        L = ids_1L.shape[1]
+        force = LogitsProcessorList([_Force([script], L)]) if script is not None else None
+        out = model.generate(ids_1L, attention_mask=torch.ones_like(ids_1L), **_media_kwargs(enc, model),
+                             max_new_tokens=max_new_tokens, do_sample=not greedy,
                              temperature=None if greedy else temperature, top_k=None, top_p=None,
-                             suppress_tokens=suppress_ids(tok), eos_token_id=im_end,
-                             pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]),
-                             logits_processor=LogitsProcessorList([_Force([script], L)]) if script is not None else None,
+                             suppress_tokens=suppress_ids(tok), eos_token_id=im_end, pad_token_id=tok.pad_token_id,
+                             stopping_criteria=StoppingCriteriaList([_RoundStop(tok, L)]), logits_processor=force,
                              return_dict_in_generate=True, output_logits=True)
         gen = out.sequences[0, L:].tolist()
         ids, sampled_end, truncated = _cut_round(tok, gen, im_end, max_new_tokens)

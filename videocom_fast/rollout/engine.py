@@ -20,10 +20,10 @@ What one `generate(samples)` does (the reference's costs it removes are spec sec
   the observation's token ids and M-RoPE positions run on a worker thread while the other sequences keep
   decoding; the vision tower (vision_forward.py when the model allows it, else transformers') runs between
   steps on the main thread, batched over everything that arrived, with outputs cached per group by
-  `MediaItem.key` (the same segment, frame or crop asked by several rollouts is encoded once). The observation (newline + user turn + assistant
-  header, videocom_fast.chat) is appended and prefilled on top of the KV already there: no token is ever
-  prefilled twice unless the scheduler preempted its sequence (then it is recomputed from its own
-  tokens, media embeddings kept).
+  `MediaItem.key` (the same segment, frame or crop asked by several rollouts is encoded once). The
+  observation (newline + user turn + assistant header, videocom_fast.chat) is appended and prefilled on
+  top of the KV already there: no token is ever prefilled twice unless the scheduler preempted its
+  sequence (then it is recomputed from its own tokens, media embeddings kept).
 - No dummy rounds after the answer (defect 10); positions by the original M-RoPE rule, incrementally
   (defect 1); token in / token out (defect 8); fp32 log-probs (defect 9).
 
@@ -393,13 +393,12 @@ class RolloutEngine:
         prep = preprocess_items([item], self.processor, self.dtype)
         return env, [item], prep, time.perf_counter() - t
 
-    def _run_env(self, s: _Seq, text: str, cursor: MRopeCursor):
+    def _run_env(self, env, group: _Group, text: str, cursor: MRopeCursor):
         """env.step, preprocessing (once per group and media key: the G rollouts of a group often ask for
-        the same segment, frame or crop) and the observation's token ids and positions (from `cursor`, the
-        sequence's own, copied when its round ended)."""
+        the same segment, frame or crop) and the observation's token ids and positions (from `cursor`, a
+        copy of the sequence's, taken when its round ended)."""
         t = time.perf_counter()
-        obs = s.env.step(text)
-        group = s.group
+        obs = env.step(text)
         prep = []
         for item in obs.media:
             with group.lock:
@@ -412,9 +411,10 @@ class RolloutEngine:
         turn = None
         if not obs.done:
             c = self.chat
-            ids = c.observation(obs.text, [(item.kind, num_media_tokens(g)) for item, (_, g) in zip(obs.media, prep)])
-            pos = positions_for(cursor, ids, [(item.kind, g, item.second_per_grid_t)
-                                              for item, (_, g) in zip(obs.media, prep)], c.image_pad, c.video_pad)
+            grids = [g for _, g in prep]
+            ids = c.observation(obs.text, [(it.kind, num_media_tokens(g)) for it, g in zip(obs.media, grids)])
+            media = [(it.kind, g, it.second_per_grid_t) for it, g in zip(obs.media, grids)]
+            pos = positions_for(cursor, ids, media, c.image_pad, c.video_pad)
             turn = (ids, pos, cursor)
         return obs, list(obs.media), prep, time.perf_counter() - t, turn
 
@@ -613,7 +613,7 @@ class RolloutEngine:
             self._finish(s, "max_new_tokens" if s.truncated else "max_rounds")
             return
         self.sched.await_observation(s.sid)
-        self.futures[self.workers.submit(self._run_env, s, text, s.cursor.copy())] = ("obs", s)
+        self.futures[self.workers.submit(self._run_env, s.env, s.group, text, s.cursor.copy())] = ("obs", s)
 
     def _finish(self, s: _Seq, reason: str) -> None:
         if s.done:
