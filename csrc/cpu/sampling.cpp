@@ -49,7 +49,8 @@ int64_t count_at_least(const int32_t* keys, int64_t V, int32_t t) {
 // The k-th largest finite value of x[0, V) (or -inf when fewer than k are finite), by binary search on the
 // ordered keys: the largest key t with count(key >= t) >= k is the k-th value's key. Each count is a
 // branch-free pass the compiler vectorizes; a heap or nth_element spends most of its time in mispredicted
-// branches on random logits (measured ~8 us per 640-logit row with the heap, ~1 us this way).
+// branches on random logits (measured, the whole draw of a 640-logit row at k = 50: 8.4 us with a heap,
+// the same with nth_element, 2.9 us this way).
 float kth_largest(const float* x, int64_t V, int64_t k, std::vector<int32_t>& keys) {
   const float ninf = -std::numeric_limits<float>::infinity();
   keys.resize(V);
