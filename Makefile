@@ -8,7 +8,7 @@ BUILT  := $(VENV)/.package-installed
 CSRC   := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt setup.py
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench build venv clean
+.PHONY: demo test test-fast bench build venv clean gpu-check gpu-carry
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -52,6 +52,18 @@ bench: $(BUILT)
 	mkdir -p runs/bench
 	$(PY) -m pytest $(BENCH) -o python_files="bench_*.py" --benchmark-only --benchmark-json=runs/bench/bench.json $(PYTEST_ARGS)
 	$(PY) -m videocom_fast.benchtable runs/bench/bench.json
+
+# GPU machines (README "GPU workflow"). gpu-carry runs HERE and fills .gpu-carry/ (ignored: carry it to the
+# GPU machine as one path); gpu-check runs THERE with the machine's own Python/torch, no venv, no network:
+# carried wheels -> CUDA build -> pytest -m gpu -> 7B-shaped rollout benchmark -> runs/gpu_check/gpu_check.json.
+# Without a GPU, gpu-check prints its plan and exits 0.
+GPU_PY ?= $(shell test -x /opt/torch/.venv/bin/python && echo /opt/torch/.venv/bin/python || command -v python3)
+
+gpu-carry: $(BUILT)
+	$(PY) bench/gpu_check.py --prepare-carry
+
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build _skbuild *.egg-info videocom_fast/_C*.so $(BUILT)
