@@ -133,8 +133,8 @@ class StepMeter:
 
 
 # --- the three systems ----------------------------------------------------------------------------------
-def _workload(proc, n_prompts: int):
-    from helpers_rollout import forced_scripts, make_data
+def _workload(proc, n_prompts: int, media: str = "spec"):
+    from helpers_rollout import forced_scripts, make_data, media_config
 
     from videocom_fast.env import ManipulationEnv, MediaConfig
     from videocom_fast.media import FrameCache
@@ -142,7 +142,7 @@ def _workload(proc, n_prompts: int):
     samples = make_data(data)[:n_prompts]
     script = forced_scripts(samples, proc.tokenizer)
     forced = lambda si, ri, r: script(si, ri, r) if r < SCRIPTED else None   # noqa: E731
-    cache, cfg = FrameCache(), MediaConfig()
+    cache, cfg = FrameCache(), MediaConfig() if media == "spec" else media_config()
     return samples, forced, (lambda sample: ManipulationEnv(sample, cache=cache, config=cfg))
 
 
@@ -178,14 +178,14 @@ def run_lockstep(model, proc, samples, forced, make_env) -> int:
 SYSTEMS = {"engine": run_engine, "naive": run_naive, "lockstep": run_lockstep}
 
 
-def measure(name: str, model, proc) -> dict:
+def measure(name: str, model, proc, media: str = "spec") -> dict:
     fn, cuda = SYSTEMS[name], next(model.parameters()).is_cuda
     with StepMeter(model, count_syncs=True) as sync_run:               # untimed: warm-up + sync count
-        fn(model, proc, *_workload(proc, 1))
+        fn(model, proc, *_workload(proc, 1, media))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    work = _workload(proc, PROMPTS)
+    work = _workload(proc, PROMPTS, media)
     with StepMeter(model, count_syncs=False) as timed:
         t = time.perf_counter()
         gen = fn(model, proc, *work)
@@ -199,18 +199,23 @@ def measure(name: str, model, proc) -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
-def bench_7b(shape: str = "7b", device: str | None = None, systems=tuple(SYSTEMS)) -> dict:
+def bench_7b(shape: str = "7b", device: str | None = None, systems=tuple(SYSTEMS), media: str = "spec") -> dict:
+    """media: "spec" (the method's budgets) or "small" (helpers_rollout.SMALL_MEDIA: CI's quick run)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t = time.perf_counter()
-    model, proc = build_model(shape, device)
+    try:
+        model, proc = build_model(shape, device)
+    except ImportError as e:   # e.g. transformers' video processor needs torchvision: say so in the JSON
+        return {"shape": shape, "error": f"cannot build the model/processor: {e}"}
     out = {"shape": shape, "device": str(device), "dtype": str(next(model.parameters()).dtype),
            "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
            "build_s": round(time.perf_counter() - t, 1),
-           "workload": dict(prompts=PROMPTS, G=G, rounds=ROUNDS, max_new_tokens=NEW, scripted_rounds=SCRIPTED),
+           "workload": dict(prompts=PROMPTS, G=G, rounds=ROUNDS, max_new_tokens=NEW, scripted_rounds=SCRIPTED,
+                            media=media),
            "systems": {}}
     for name in systems:
         try:
-            out["systems"][name] = measure(name, model, proc)
+            out["systems"][name] = measure(name, model, proc, media)
         except Exception as e:  # noqa: BLE001 - one system failing must not hide the others' numbers
             out["systems"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(name, out["systems"][name], flush=True)

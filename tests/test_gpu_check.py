@@ -74,7 +74,7 @@ def test_benchmark_half_runs_on_the_tiny_model_on_cpu(capsys):
     import gpu_check
     from gpu_check_bench import bench_7b
 
-    rows = bench_7b("tiny", "cpu")
+    rows = bench_7b("tiny", "cpu", media="small")
     assert rows["shape"] == "tiny" and rows["device"] == "cpu"
     for name in ("engine", "naive", "lockstep"):
         r = rows["systems"][name]
