@@ -136,6 +136,8 @@ def run_bench() -> dict:
     res = _run("bench", [sys.executable, str(Path(__file__)), "--bench-only", "--out", str(out)])
     if out.exists():
         res["rows"] = json.loads(out.read_text())
+        if any("error" in r for r in res["rows"].get("systems", {}).values()):
+            res["status"] = "failed"
     return res
 
 
@@ -218,8 +220,10 @@ def main(argv=None) -> int:
     if args.bench_only:
         from gpu_check_bench import bench_7b   # the benchmark half, imported only in the child process
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(bench_7b(), indent=1))
-        return 0
+        Path(args.out).unlink(missing_ok=True)
+        rows = bench_7b(out_path=Path(args.out))
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+        return 1 if "error" in rows else 0
     why = "--dry-run" if args.dry_run else _no_gpu_reason()
     if why:
         print(f"gpu-check dry run ({why}); on a GPU machine it would:")

@@ -23,6 +23,7 @@ Measures per system, from one timed run after one untimed run (one prompt) that 
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 import time
 import warnings
@@ -199,8 +200,10 @@ def measure(name: str, model, proc, media: str = "spec") -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
-def bench_7b(shape: str = "7b", device: str | None = None, systems=tuple(SYSTEMS), media: str = "spec") -> dict:
-    """media: "spec" (the method's budgets) or "small" (helpers_rollout.SMALL_MEDIA: CI's quick run)."""
+def bench_7b(shape: str = "7b", device: str | None = None, systems=tuple(SYSTEMS), media: str = "spec",
+             out_path: Path | None = None) -> dict:
+    """media: "spec" (the method's budgets) or "small" (helpers_rollout.SMALL_MEDIA: CI's quick run).
+    out_path: rewritten after each system, so a run stopped by gpu-check's time limit keeps what it measured."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t = time.perf_counter()
     try:
@@ -219,4 +222,6 @@ def bench_7b(shape: str = "7b", device: str | None = None, systems=tuple(SYSTEMS
         except Exception as e:  # noqa: BLE001 - one system failing must not hide the others' numbers
             out["systems"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(name, out["systems"][name], flush=True)
+        if out_path is not None:
+            Path(out_path).write_text(json.dumps(out, indent=1))
     return out
