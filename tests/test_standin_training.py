@@ -134,3 +134,53 @@ def _sync_counts(dev) -> dict:
         key = f"{frame.split(':')[0]} in {frame.split(' in ')[-1]}"
         out[key] = out.get(key, 0) + 1
     return out
+
+
+# --- the SFT step ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sft_world(synth_small, tiny_dir):  # noqa: F811
+    import json
+
+    from videocom_fast.training.sft import SFTConfig, build_model
+    from videocom_fast.training.sft_data import SFTDataset
+    data, mc = synth_small
+    cfg = SFTConfig(model=str(tiny_dir), dtype="float32", micro_batch_tokens=1500, lr=1e-3)
+    model, processor = build_model(cfg, torch.device("cpu"))
+    ds = SFTDataset(json.loads((data / "sft.json").read_text()), processor.tokenizer, mc, media_root=data)
+    return cfg, model, ds
+
+
+def _sft_step(model, ds, packs, cfg, device):
+    from videocom_fast.training.sft import _VisionCache, _trainable, cosine_with_warmup, train_step
+    params = _trainable(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, foreach=True)
+    grads = []
+    opt.register_step_pre_hook(lambda *_: grads.append([p.grad.detach().clone() for p in params]))
+    sched = cosine_with_warmup(opt, 10, 0.0)
+    st = train_step(model, model, ds, packs, opt, sched, None, _VisionCache(True), cfg,
+                    SimpleNamespace(rank=0, world_size=1), device)
+    return st, grads[0]
+
+
+def test_sft_step_on_the_standin_equals_cpu_with_documented_syncs(sft_world):
+    from videocom_fast.training.packing import pack_indices
+    cfg, model, ds = sft_world
+    packs = pack_indices([ds[i].num_tokens for i in range(len(ds))], cfg.micro_batch_tokens)
+    assert len(packs) >= 2
+    want, want_g = _sft_step(copy.deepcopy(model), ds, packs, cfg, torch.device("cpu"))
+    with StandIn() as dev:
+        stand = dev.put(copy.deepcopy(model))
+        dev.reset()
+        got, got_g = _sft_step(stand, ds, packs, cfg, dev.device)
+    assert got == pytest.approx(want, rel=1e-5)
+    for g, w in zip(got_g, want_g):
+        assert (dev.value(g) - w).abs().max() <= 1e-4 * w.abs().max() + 1e-9
+    # Documented host reads: ONE per step of the trainer's own (loss and grad norm in one transfer; it was
+    # one per micro-batch plus two per step), and per micro-batch the forward's: modeling.embed's pad-count
+    # check and packing.packed_loss_sum's two boolean-mask row picks (hidden[keep], targets[keep]); the
+    # frozen tower reads its rotary table once per model. Nothing per layer (cu_seqlens stays on the host).
+    n = len(packs)
+    assert _sync_counts(dev) == {"sft.py in train_step": 1, "modeling.py in embed": n,
+                                 "packing.py in packed_loss_sum": 2 * n, "vision_forward.py in __init__": 1}, \
+        dev.report()

@@ -59,7 +59,7 @@ class GRPOConfig:
     num_generations: int = 8            # G
     num_iterations: int = 1             # updates per rollout batch (old-policy log-probs when > 1)
     micro_batch: int = 8                # at most this many episodes per forward/backward ...
-    micro_batch_tokens: int = 8192      # ... and at most this many sequence tokens (0: no token cap); an
+    micro_batch_tokens: int = 16384     # ... and at most this many sequence tokens (0: no token cap); an
                                         # episode over the cap goes alone (docs/memory_7b.md)
     temperature: float = 0.9
     top_k: int = 50
