@@ -128,7 +128,7 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         packages=[
             "videocom_fast", "videocom_fast.protocol", "videocom_fast.media", "videocom_fast.rollout",
-            "videocom_fast.data", "videocom_fast.kernels", "videocom_fast.training",
+            "videocom_fast.data", "videocom_fast.kernels", "videocom_fast.training", "videocom_fast.testing",
         ],
         package_dir={"videocom_fast.kernels": "kernels", "videocom_fast.training": "training"},
         package_data={"videocom_fast": ["py.typed", "_C.pyi", "configs/*.yaml"]},

@@ -15,7 +15,8 @@ import torch
 
 from videocom_fast.chat import ChatTokens
 from videocom_fast.training.config import load_config
-from videocom_fast.training.grpo import (GRPOConfig, _check_config, load_grpo_samples, policy_update, step_prompts,
+from videocom_fast.training.grpo import (GRPOConfig, _check_config, load_grpo_samples, micro_batches, policy_update,
+                                         step_prompts,
                                          train_step)
 from videocom_fast.training.logprobs import media_embeds, trajectory_logprobs
 
@@ -104,8 +105,13 @@ def test_micro_batches_give_the_whole_batch_gradient(world, loss_type):
         # a perturbed "old policy" so ratios differ from 1 and clipping is exercised
         old_lps = [r + 0.3 * torch.randn_like(r) for r in ref_lps]
     grads = []
-    for mb in (5, 2, 1):
-        cfg = GRPOConfig(loss_type=loss_type, micro_batch=mb, temperature=0.9, max_rounds=2, max_new_tokens=12)
+    lens = sorted(len(t.token_ids) for t in trajs)
+    # by episodes (5, 2, 1 per forward), then by a token budget that splits 5 episodes unevenly (2-3 + rest)
+    for mb, tokens in ((5, 0), (2, 0), (1, 0), (5, lens[0] + lens[1] + 1)):
+        cfg = GRPOConfig(loss_type=loss_type, micro_batch=mb, micro_batch_tokens=tokens, temperature=0.9,
+                         max_rounds=2, max_new_tokens=12)
+        if tokens:
+            assert 1 < len(micro_batches(trajs, mb, tokens)) < 5
         policy.zero_grad(set_to_none=True)
         stats = policy_update(policy, trajs, adv, embeds, ref_lps, old_lps, cfg)
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
@@ -125,6 +131,35 @@ def test_step_prompts_are_disjoint_per_step_and_cover_epochs():
         seen += a + b
     assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
     assert step_prompts(n, 3, per, 1, world, seed=4) == step_prompts(n, 3, per, 1, world, seed=4)
+
+
+def test_micro_batches_by_tokens_split_as_documented():
+    ep = lambda n: SimpleNamespace(token_ids=[0] * n)  # noqa: E731
+    trajs = [ep(n) for n in (300, 500, 250, 900, 100, 100, 100)]
+    # greedy in order: a micro-batch closes when the next episode would pass the budget ...
+    assert micro_batches(trajs, 8, 1000) == [[0, 1], [2], [3, 4], [5, 6]]
+    # ... an episode longer than the budget goes alone, never dropped ...
+    assert micro_batches(trajs, 8, 400) == [[0], [1], [2], [3], [4, 5, 6]]
+    # ... each pack is also cut at `micro_batch` episodes; 0 tokens = by episodes only
+    assert micro_batches(trajs, 2, 1000) == [[0, 1], [2], [3, 4], [5, 6]]
+    assert micro_batches(trajs, 3, 0) == [[0, 1, 2], [3, 4, 5], [6]]
+    # data parallel: the longest micro-batches are halved until every rank runs the same count
+    assert micro_batches(trajs, 8, 1000, min_count=6) == [[0], [1], [2], [3], [4], [5, 6]]
+    assert len(micro_batches(trajs, 8, 1000, min_count=99)) == 7
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        _check_config(GRPOConfig(micro_batch_tokens=-1))
+
+
+def test_7b_config_is_the_memory_plan():
+    cfg = load_config(GRPOConfig, REPO / "configs/grpo_7b.yaml")
+    _check_config(cfg)
+    assert cfg.lora["r"] == 64 and cfg.ref_model == "auto" and cfg.gradient_checkpointing
+    assert cfg.dtype == "bfloat16" and cfg.micro_batch_tokens == 16384 and cfg.freeze_vision
+    doc = (REPO / "docs/memory_7b.md").read_text()
+    assert "16384" in doc and "r = 64" in doc and "adapter disabled" in doc
+    # the trainer's defaults follow the plan where it does not change the method's math
+    d = GRPOConfig()
+    assert d.gradient_checkpointing and d.micro_batch_tokens == cfg.micro_batch_tokens
 
 
 def test_config_file_overrides_and_checks():

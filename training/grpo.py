@@ -37,7 +37,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import parse_cli, to_dict
-from .distributed import all_reduce_sum, init_distributed
+from .distributed import all_reduce_max, all_reduce_sum, init_distributed
 from .grpo_loss import LOSS_REDUCTIONS, grpo_loss, group_advantages, pad_rows
 from .logprobs import media_embeds, packed_logprobs
 from .metrics import MetricsLogger
@@ -58,7 +58,9 @@ class GRPOConfig:
     prompts_per_step: int = 2           # per rank
     num_generations: int = 8            # G
     num_iterations: int = 1             # updates per rollout batch (old-policy log-probs when > 1)
-    micro_batch: int = 8                # episodes per backward
+    micro_batch: int = 8                # at most this many episodes per forward/backward ...
+    micro_batch_tokens: int = 16384     # ... and at most this many sequence tokens (0: no token cap); an
+                                        # episode over the cap goes alone (docs/memory_7b.md)
     temperature: float = 0.9
     top_k: int = 50
     top_p: float = 1.0
@@ -85,7 +87,7 @@ class GRPOConfig:
     freeze_llm: bool = False
     lora: dict = field(default_factory=dict)
     ref_model: str = "auto"             # auto (LoRA: adapter off, else frozen copy) | copy | adapter_off
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True     # activations of one layer per micro-batch (docs/memory_7b.md)
     dtype: str = "auto"
     device: str = "auto"
     logprob_chunk: int = 1024
@@ -107,6 +109,9 @@ def _check_config(cfg: GRPOConfig):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    v = cfg.micro_batch_tokens
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"micro_batch_tokens: expected an int >= 0 (0: no token cap), got {v!r}")
     if cfg.ref_model not in ("auto", "copy", "adapter_off"):
         raise ValueError(f"ref_model: expected auto, copy or adapter_off, got {cfg.ref_model!r}")
     if cfg.ref_model == "adapter_off" and not cfg.lora:
@@ -258,12 +263,39 @@ def episode_stats(trajs) -> dict:
 # --- one update --------------------------------------------------------------------------------------
 
 
+def micro_batches(trajs, max_episodes: int, max_tokens: int = 0, min_count: int = 0) -> list[list[int]]:
+    """Consecutive episode indices per forward: greedy packs of at most `max_tokens` sequence tokens (media
+    pads included: they are what the forward's activations scale with), each cut into runs of at most
+    `max_episodes`. An episode longer than `max_tokens` is a micro-batch of its own. 0 = no token cap.
+
+    `min_count`: split the longest micro-batches in halves until there are that many (at most one per
+    episode). Data parallel needs it: every rank must run as many forwards/backwards as the others (ZeRO-3
+    gathers weights per forward, gradients are reduced per backward), and token packs differ per rank."""
+    from .packing import pack_indices
+
+    lengths = [len(t.token_ids) for t in trajs]
+    packs = pack_indices(lengths, max_tokens) if max_tokens > 0 else [list(range(len(trajs)))]
+    out = [p[i:i + max_episodes] for p in packs for i in range(0, len(p), max_episodes)]
+    while len(out) < min(min_count, len(trajs)):
+        k = max((i for i in range(len(out)) if len(out[i]) > 1), key=lambda i: sum(lengths[j] for j in out[i]))
+        half = len(out[k]) // 2
+        out[k:k + 1] = [out[k][:half], out[k][half:]]
+    return out
+
+
+def _update_micro_batches(trajs, cfg) -> list[list[int]]:
+    """This rank's micro-batches, as many as the rank with the most (see `micro_batches`)."""
+    mbs = micro_batches(trajs, cfg.micro_batch, cfg.micro_batch_tokens)
+    n = int(all_reduce_max(torch.tensor([len(mbs)]))[0])
+    return micro_batches(trajs, cfg.micro_batch, cfg.micro_batch_tokens, min_count=n) if n > len(mbs) else mbs
+
+
 def _no_grad_logprobs(model, trajs, embeds, cfg):
     out = []
     with torch.no_grad():
-        for s in range(0, len(trajs), cfg.micro_batch):
-            out += packed_logprobs(model, trajs[s:s + cfg.micro_batch], temperature=cfg.temperature,
-                                   chunk=cfg.logprob_chunk, embeds=embeds[s:s + cfg.micro_batch])
+        for idx in micro_batches(trajs, cfg.micro_batch, cfg.micro_batch_tokens):
+            out += packed_logprobs(model, [trajs[i] for i in idx], temperature=cfg.temperature,
+                                   chunk=cfg.logprob_chunk, embeds=[embeds[i] for i in idx])
     return out
 
 
@@ -275,14 +307,19 @@ def policy_update(policy, trajs, advantages_N, embeds, ref_lps, old_lps, cfg: GR
     weighted by its share of the step's episodes; "dapo" divides every micro-batch by the step's token count
     over all ranks. Data parallel averages gradients over ranks, which equals the global loss when every
     rank holds the same number of episodes (it does: prompts_per_step x G each).
+
+    Host reads: one per micro-batch (the loss's statistics for logging, read in one transfer by grpo_loss),
+    plus the token total's reduction when distributed.
     """
     N = len(trajs)
     tokens_local = sum(t.num_generated for t in trajs)
     tokens_global = float(all_reduce_sum(torch.tensor(float(tokens_local), dtype=torch.float64)))
     cap = cfg.max_rounds * cfg.max_new_tokens
     sums: Counter = Counter()
-    for s in range(0, N, cfg.micro_batch):
-        idx = list(range(s, min(N, s + cfg.micro_batch)))
+    mbs = _update_micro_batches(trajs, cfg)
+    for m, idx in enumerate(mbs):
+        if engine is not None:   # the number of micro-batches varies by step: say where the update happens
+            engine.set_gradient_accumulation_boundary(m == len(mbs) - 1)
         rows = packed_logprobs(policy, [trajs[i] for i in idx], temperature=cfg.temperature,
                                chunk=cfg.logprob_chunk, embeds=[embeds[i] for i in idx])
         lp_BT, mask_BT = pad_rows(rows)
@@ -299,7 +336,7 @@ def policy_update(policy, trajs, advantages_N, embeds, ref_lps, old_lps, cfg: GR
         else:
             loss.backward()
         ntok = out.stats["num_tokens"]
-        sums["loss"] += float(loss.detach())
+        sums["loss"] += out.stats["loss"] * weight
         sums["tokens"] += ntok
         for k in ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "ratio_mean"):
             if k in out.stats:
@@ -395,8 +432,33 @@ def train_step(step, policy, ref, rollout, optimizer, scheduler, engine, samples
     trajs = [t for g in groups for t in g]
     rewards_N, parts = score_episodes(trajs, batch, cfg)
     adv_N = group_advantages(rewards_N, cfg.num_generations, scale=cfg.scale_rewards)
-    model.train()
     t1 = time.perf_counter()
+    stats = update_step(model, ref, trajs, adv_N, optimizer, scheduler, engine, cfg, dist)
+    t_train = time.perf_counter() - t1
+    gen_tokens = sum(t.num_generated for t in trajs)
+    rec = {"step": step + 1, "lr": scheduler.get_last_lr()[0] if hasattr(scheduler, "get_last_lr") else cfg.lr,
+           "reward/mean": _global_mean(rewards_N), "reward/std": float(rewards_N.std()) if len(trajs) > 1 else 0.0,
+           "advantage/mean": float(adv_N.mean()), "advantage/std": float(adv_N.std()) if len(trajs) > 1 else 0.0,
+           "advantage/abs_max": float(adv_N.abs().max()),
+           "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
+           "trained_tokens_per_s": gen_tokens * cfg.num_iterations / max(t_train, 1e-9),
+           "rollout_s": t_roll, "train_s": t_train, "episodes": len(trajs) * dist.world_size}
+    for k, v in parts.items():
+        rec[f"reward/{k}/mean"] = _global_mean(v)
+        rec[f"reward/{k}/std"] = float(v.std()) if len(v) > 1 else 0.0
+    rec.update(stats)
+    rec.update(episode_stats(trajs))
+    return rec
+
+
+def update_step(model, ref, trajs, adv_N, optimizer, scheduler, engine, cfg, dist) -> dict:
+    """The training half of a step on given episodes (host Trajectories, as the engine returns them):
+    media features -> reference (and old-policy) log-probs -> `num_iterations` x (policy_update -> clip ->
+    AdamW -> schedule). Returns the last update's stats and its grad_norm.
+
+    Host reads: policy_update's, plus one per update for the gradient norm (logged); nothing else reads a
+    device value (tests/test_standin_training.py counts them on the stand-in device)."""
+    model.train()
     vision_frozen = not any(p.requires_grad for p in _visual(model).parameters())
     cache: dict = {}
     with torch.no_grad():   # frozen tower: each distinct media item is encoded once per step, for every forward
@@ -419,21 +481,7 @@ def train_step(step, policy, ref, rollout, optimizer, scheduler, engine, samples
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    t_train = time.perf_counter() - t1
-    gen_tokens = sum(t.num_generated for t in trajs)
-    rec = {"step": step + 1, "lr": scheduler.get_last_lr()[0] if hasattr(scheduler, "get_last_lr") else cfg.lr,
-           "reward/mean": _global_mean(rewards_N), "reward/std": float(rewards_N.std()) if len(trajs) > 1 else 0.0,
-           "advantage/mean": float(adv_N.mean()), "advantage/std": float(adv_N.std()) if len(trajs) > 1 else 0.0,
-           "advantage/abs_max": float(adv_N.abs().max()), "grad_norm": grad_norm,
-           "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
-           "trained_tokens_per_s": gen_tokens * cfg.num_iterations / max(t_train, 1e-9),
-           "rollout_s": t_roll, "train_s": t_train, "episodes": len(trajs) * dist.world_size}
-    for k, v in parts.items():
-        rec[f"reward/{k}/mean"] = _global_mean(v)
-        rec[f"reward/{k}/std"] = float(v.std()) if len(v) > 1 else 0.0
-    rec.update(stats)
-    rec.update(episode_stats(trajs))
-    return rec
+    return {**stats, "grad_norm": grad_norm}
 
 
 def _global_mean(x_N: torch.Tensor) -> float:

@@ -94,7 +94,7 @@ class LossOutput:
     loss: torch.Tensor                  # scalar, differentiable
     per_token_BT: torch.Tensor          # pg + beta * kl, unmasked
     kl_BT: torch.Tensor | None
-    stats: dict = field(default_factory=dict)   # floats for logging
+    stats: dict = field(default_factory=dict)   # floats for logging (the loss's value too), one device read
 
 
 def grpo_loss(logps_BT: torch.Tensor, old_logps_BT: torch.Tensor | None, ref_logps_BT: torch.Tensor | None,
@@ -113,9 +113,10 @@ def grpo_loss(logps_BT: torch.Tensor, old_logps_BT: torch.Tensor | None, ref_log
         raise ValueError(f"grpo_loss: advantages_B has {advantages_B.shape[0]} rows, logps_BT {logps_BT.shape[0]}")
     if beta != 0.0 and ref_logps_BT is None:
         raise ValueError("grpo_loss: ref_logps_BT is required when beta != 0")
-    mask_BT = mask_BT.to(logps_BT.dtype)
+    # advantages come from host rewards and masks may be built on the host: both go to the log-probs' device
+    mask_BT = mask_BT.to(logps_BT.device, logps_BT.dtype, non_blocking=True)
     old_logps_BT = logps_BT.detach() if old_logps_BT is None else old_logps_BT
-    adv_B1 = advantages_B.to(logps_BT.dtype).view(-1, 1)
+    adv_B1 = advantages_B.to(logps_BT.device, logps_BT.dtype, non_blocking=True).view(-1, 1)
 
     per_token_BT, ratio_BT = clipped_policy_term(logps_BT, old_logps_BT, adv_B1, epsilon_low=epsilon_low,
                                                  epsilon_high=epsilon_high, delta=delta)
@@ -125,21 +126,23 @@ def grpo_loss(logps_BT: torch.Tensor, old_logps_BT: torch.Tensor | None, ref_log
         per_token_BT = per_token_BT + beta * kl_BT
     loss = LOSS_REDUCTIONS[loss_type](per_token_BT, mask_BT, num_tokens=num_tokens,
                                       max_completion_length=max_completion_length)
-    return LossOutput(loss, per_token_BT, kl_BT, _stats(ratio_BT, adv_B1, kl_BT, mask_BT, epsilon_low,
+    return LossOutput(loss, per_token_BT, kl_BT, _stats(loss, ratio_BT, adv_B1, kl_BT, mask_BT, epsilon_low,
                                                          epsilon_high))
 
 
 @torch.no_grad()
-def _stats(ratio_BT, adv_B1, kl_BT, mask_BT, epsilon_low, epsilon_high) -> dict:
+def _stats(loss, ratio_BT, adv_B1, kl_BT, mask_BT, epsilon_low, epsilon_high) -> dict:
+    """Floats for logging, the loss's value included, read from the device in ONE transfer (one sync)."""
     n = mask_BT.sum().clamp(min=1.0)
     low = ((ratio_BT < 1 - epsilon_low) & (adv_B1 < 0)).to(mask_BT.dtype)
     high = ((ratio_BT > 1 + epsilon_high) & (adv_B1 > 0)).to(mask_BT.dtype)
-    out = {"clip_ratio/low": float((low * mask_BT).sum() / n), "clip_ratio/high": float((high * mask_BT).sum() / n),
-           "clip_ratio/region": float(((low + high).clamp(max=1) * mask_BT).sum() / n),
-           "ratio_mean": float((ratio_BT * mask_BT).sum() / n), "num_tokens": float(mask_BT.sum())}
+    vals = {"loss": loss.detach().to(n.dtype), "clip_ratio/low": (low * mask_BT).sum() / n,
+            "clip_ratio/high": (high * mask_BT).sum() / n,
+            "clip_ratio/region": ((low + high).clamp(max=1) * mask_BT).sum() / n,
+            "ratio_mean": (ratio_BT * mask_BT).sum() / n, "num_tokens": mask_BT.sum()}
     if kl_BT is not None:
-        out["kl"] = float((kl_BT * mask_BT).sum() / n)
-    return out
+        vals["kl"] = (kl_BT * mask_BT).sum() / n
+    return dict(zip(vals, torch.stack(list(vals.values())).tolist()))
 
 
 def pad_rows(rows: list[torch.Tensor], value: float = 0.0):
@@ -150,6 +153,7 @@ def pad_rows(rows: list[torch.Tensor], value: float = 0.0):
     out_BT = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
     if out_BT.shape[1] < T:
         out_BT = torch.nn.functional.pad(out_BT, (0, T - out_BT.shape[1]), value=value)
+    # built on the host from Python lengths (no device read), then one copy to the rows' device
     lengths = torch.tensor([r.shape[0] for r in rows])
-    mask_BT = torch.arange(T)[None, :] < lengths[:, None]
+    mask_BT = (torch.arange(T)[None, :] < lengths[:, None]).to(out_BT.device, non_blocking=True)
     return out_BT, mask_BT

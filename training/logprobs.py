@@ -13,10 +13,12 @@ generated positions. Legend: L tokens, D hidden, N generated tokens, V vocabular
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from videocom_fast import modeling
+from videocom_fast import modeling, vision_forward
 from videocom_fast.kernels.logprobs import token_logprobs
 
 # --- what the forward needs from a Trajectory ----------------------------------------------------------
@@ -49,8 +51,13 @@ def block_kinds(input_ids_L: torch.Tensor, image_pad: int, video_pad: int) -> li
     return ["image" if bool(is_img[i]) else "video" for i in starts.nonzero().squeeze(-1).tolist()]
 
 
-def media_embeds(model, traj, input_ids_L: torch.Tensor, cache: dict | None = None) -> list[torch.Tensor]:
+def media_embeds(model, traj, input_ids_L: torch.Tensor | None = None,
+                 cache: dict | None = None) -> list[torch.Tensor]:
     """Vision features of every block of the episode, in sequence order (one tower call per modality).
+
+    Host and device: the Trajectory keeps its media and grids on the host (the engine's copies); the block
+    layout is read from them and from the host token ids (`input_ids_L` is ignored unless it is a host
+    tensor; no device value is read), and each tower call's pixels and grid are moved to the tower's device.
 
     NOTE: runs under no_grad when the vision tower and merger are frozen (the method's setting), so no
     activations of the tower are kept for backward. Then `cache` (a dict living for one training step) reuses
@@ -65,6 +72,8 @@ def media_embeds(model, traj, input_ids_L: torch.Tensor, cache: dict | None = No
         if rows != (0 if pix is None else pix.shape[0]):
             raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: {name} grids need {rows} pixel "
                              f"rows but {0 if pix is None else pix.shape[0]} were given")
+    if input_ids_L is None or input_ids_L.device.type != "cpu":
+        input_ids_L = torch.as_tensor(traj.token_ids)
     kinds = block_kinds(input_ids_L, cfg.image_token_id, cfg.video_token_id)
     n_img = 0 if traj.image_grid_thw is None else traj.image_grid_thw.shape[0]
     n_vid = 0 if traj.video_grid_thw is None else traj.video_grid_thw.shape[0]
@@ -72,7 +81,7 @@ def media_embeds(model, traj, input_ids_L: torch.Tensor, cache: dict | None = No
         raise ValueError(f"trajectory {traj.sample_index}/{traj.rollout_index}: {kinds.count('image')} image and "
                          f"{kinds.count('video')} video blocks in token_ids but {n_img} image and "
                          f"{n_vid} video grids")
-    dtype = next(visual.parameters()).dtype
+    device, dtype = next(visual.parameters()).device, next(visual.parameters()).dtype
     grad = torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters())
     media = list(getattr(traj, "media", None) or [])
     keyed = (cache is not None and not grad and len(media) == len(kinds)
@@ -86,13 +95,33 @@ def media_embeds(model, traj, input_ids_L: torch.Tensor, cache: dict | None = No
             idx = [i for i in todo if blocks[i][0] == kind]
             if not idx:
                 continue
-            pix = torch.cat([blocks[i][1] for i in idx]).to(dtype).clone()   # clone: engine inference tensors
-            grid = torch.stack([blocks[i][2] for i in idx]).clone()
-            for i, f in zip(idx, modeling.vision_embeds(model, pix, grid, video=kind == "video")):
+            # clone: engine inference tensors
+            pix = torch.cat([blocks[i][1] for i in idx]).to(device, dtype, non_blocking=True).clone()
+            grid = torch.stack([blocks[i][2] for i in idx])
+            for i, f in zip(idx, _tower(model, grad)(pix, grid, kind == "video")):
                 feats[i] = f
                 if keys[i] is not None:
                     cache[keys[i]] = f
     return [feats[i] if i in feats else cache[keys[i]] for i in range(len(blocks))]
+
+
+_FROZEN_TOWERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> VisionForward
+
+
+def _tower(model, grad: bool):
+    """(pixels on the device, HOST grid (N, 3), video) -> features per item.
+
+    A frozen tower runs the engine's own forward (vision_forward.py: equal to transformers' to the bit, reads
+    only the host grid, so no sync); its grid plans stay cached with the model across steps. A trained or
+    hooked (ZeRO-3) tower runs transformers', which needs the grid on its device and reads it back there
+    (about a dozen host reads per call, measured on the stand-in device)."""
+    if not grad and vision_forward.supports(model) is None:
+        fwd = _FROZEN_TOWERS.get(model)
+        if fwd is None:
+            fwd = _FROZEN_TOWERS[model] = vision_forward.VisionForward(model)
+        return lambda pix, grid, video: fwd(pix, grid)
+    return lambda pix, grid, video: modeling.vision_embeds(model, pix, grid.to(pix.device, non_blocking=True),
+                                                           video=video)
 
 
 def _blocks_in_order(traj, kinds) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -155,7 +184,7 @@ def trajectory_logprobs(model, traj, *, temperature: float = 1.0, chunk: int = 1
                          f"{tuple(pos_3L.shape)}, expected (3, {ids_L.shape[0]})")
     gen_N = generated_index(traj).to(device)
     if embeds is None:
-        embeds = media_embeds(model, traj, ids_L)
+        embeds = media_embeds(model, traj)
     x_LD = modeling.embed(model, ids_L, embeds)
     hidden_LD = modeling.text_forward(model, x_LD[None], pos_3L[:, None, :])[0]
     return chunked_logprobs(model, hidden_LD[gen_N - 1], ids_L[gen_N], temperature=temperature, chunk=chunk,
@@ -194,7 +223,7 @@ def packed_logprobs(model, trajs, *, temperature: float = 1.0, chunk: int = 1024
             raise ValueError(f"trajectory {t.sample_index}/{t.rollout_index}: position_ids has shape "
                              f"{tuple(pos_3L.shape)}, expected (3, {ids_L.shape[0]})")
         gen_N = generated_index(t).to(device)
-        e = embeds[k] if embeds is not None and embeds[k] is not None else media_embeds(model, t, ids_L)
+        e = embeds[k] if embeds is not None and embeds[k] is not None else media_embeds(model, t)
         xs.append(modeling.embed(model, ids_L, e))
         poss.append(pos_3L)
         rows.append(off + gen_N - 1)

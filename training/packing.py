@@ -71,7 +71,9 @@ class PackedBatch:
     def to(self, device):
         out = PackedBatch(**self.__dict__)
         for k, v in self.__dict__.items():
-            if isinstance(v, torch.Tensor):
+            # NOTE: cu_seqlens stays on the host: packed_attention slices by it there (on the device that is
+            # a sync per layer); flash-attn's path copies it to the device itself
+            if isinstance(v, torch.Tensor) and k != "cu_seqlens":
                 setattr(out, k, v.to(device))
         return out
 

@@ -32,7 +32,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import parse_cli, to_dict
 from .distributed import all_reduce_sum, barrier, init_distributed
 from .metrics import MetricsLogger
-from .packing import collate, install_packed_attention, media_embeddings, pack_indices, packed_loss_sum
+from .packing import collate, install_packed_attention, pack_indices, packed_loss_sum
 from .sft_data import MediaBudget, SFTDataset
 
 
@@ -178,7 +178,10 @@ def epoch_packs(dataset: SFTDataset, cfg: SFTConfig, epoch: int) -> list[list[in
 # --- the loop --------------------------------------------------------------------------------------
 
 class _VisionCache:
-    """Frozen-tower features per example index (valid while no vision parameter trains)."""
+    """Frozen-tower features per example index (valid while no vision parameter trains).
+
+    The example's pixels go to the tower's device; its grids stay on the host (the frozen tower runs
+    vision_forward.py, which reads only host grids: no sync; see training/logprobs.py `_tower`)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -190,19 +193,73 @@ class _VisionCache:
         out = []
         for i in idx:
             if i not in self.store:
-                self.store[i] = [e.detach() for e in media_embeddings(model, collate([dataset[i]]), grad=False)]
+                self.store[i] = [e.detach() for e in _frozen_media(model, collate([dataset[i]]))]
             out += self.store[i]
         return out
 
 
-def _loss_over(model, dataset, packs, device, cache: _VisionCache, chunk: int) -> tuple[float, int]:
-    total, tokens = 0.0, 0
+def _frozen_media(model, batch) -> list[torch.Tensor]:
+    """Features per vision block in sequence order, of a HOST batch, by the frozen tower on its device."""
+    from .logprobs import _tower
+
+    visual = _visual(model)
+    device, dtype = next(visual.parameters()).device, next(visual.parameters()).dtype
+    with torch.no_grad():
+        feats = {}
+        for kind, pix, grid in (("image", batch.pixel_values, batch.image_grid_thw),
+                                ("video", batch.pixel_values_videos, batch.video_grid_thw)):
+            if grid is not None and grid.numel():
+                feats[kind] = iter(_tower(model, False)(pix.to(device, dtype, non_blocking=True), grid,
+                                                        kind == "video"))
+        return [next(feats[k]) for k in batch.media_kinds]
+
+
+def _loss_over(model, dataset, packs, device, cache: _VisionCache, chunk: int) -> tuple[torch.Tensor, int]:
+    """(summed loss on the device, trained tokens counted on the host): no host read per micro-batch."""
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
         for idx in packs:
-            batch = collate([dataset[i] for i in idx]).to(device)
-            total += float(packed_loss_sum(model, batch, chunk=chunk, media=cache.media(model, dataset, idx)))
-            tokens += batch.num_trained
+            host = collate([dataset[i] for i in idx])
+            tokens += host.num_trained
+            total += packed_loss_sum(model, host.to(device), chunk=chunk, media=cache.media(model, dataset, idx))
     return total, tokens
+
+
+def train_step(model, fwd_model, dataset, step_packs, optimizer, scheduler, engine, cache: _VisionCache,
+               cfg: SFTConfig, dist, device) -> dict:
+    """One optimizer step over `step_packs` (every rank's micro-batches; this rank runs its share).
+
+    Host reads (each a sync on a GPU): per micro-batch, what packed_loss_sum's forward reads (modeling.embed
+    checks the pad count; the trained rows are picked by a mask); per step ONE transfer of the loss and the
+    gradient norm (plus the all-reduces when distributed). Counted in tests/test_standin_training.py."""
+    mine = step_packs[dist.rank::dist.world_size]
+    step_tokens = sum(sum(dataset[i].num_trained for i in p) for p in step_packs)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_tok = n_vis = 0
+    for idx in mine:
+        batch = collate([dataset[i] for i in idx])
+        n_tok += batch.num_tokens
+        n_vis += batch.num_visual_tokens
+        s = packed_loss_sum(fwd_model, batch.to(device), chunk=cfg.loss_chunk,
+                            media=cache.media(fwd_model, dataset, idx))
+        # normalise by the whole step's trained tokens; DDP/DeepSpeed average over ranks -> * world
+        loss = s / step_tokens * dist.world_size
+        if engine is not None:
+            engine.backward(loss * len(mine))  # engine divides by its gradient_accumulation_steps
+            engine.step()
+        else:
+            loss.backward()
+        loss_sum += s.detach().double()
+    if engine is not None:
+        grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0), dtype=torch.float64)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss_total, grad_norm = torch.stack([all_reduce_sum(loss_sum), grad_norm.to(device, torch.float64)]).tolist()
+    return {"loss": loss_total / step_tokens, "grad_norm": grad_norm, "trained_tokens": step_tokens,
+            "tokens": n_tok, "visual_tokens": n_vis}
 
 
 def _trainable(model):
@@ -273,41 +330,17 @@ def run_sft(cfg: SFTConfig) -> dict:
             epoch, pos = epoch + 1, 0
             packs = epoch_packs(train_ds, cfg, epoch)
         t0 = time.time()
-        step_packs = packs[pos:pos + per_step]
-        mine = step_packs[dist.rank::dist.world_size]
-        step_tokens = sum(sum(train_ds[i].num_trained for i in p) for p in step_packs)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        n_tok = n_vis = 0
-        for idx in mine:
-            batch = collate([train_ds[i] for i in idx]).to(device)
-            s = packed_loss_sum(fwd_model, batch, chunk=cfg.loss_chunk,
-                                media=vision_cache.media(fwd_model, train_ds, idx))
-            # normalise by the whole step's trained tokens; DDP/DeepSpeed average over ranks -> * world
-            loss = s / step_tokens * dist.world_size
-            if engine is not None:
-                engine.backward(loss * len(mine))  # engine divides by its gradient_accumulation_steps
-                engine.step()
-            else:
-                loss.backward()
-            loss_sum += s.detach().double().cpu()
-            n_tok += batch.num_tokens
-            n_vis += batch.num_visual_tokens
-        if engine is not None:
-            grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_loss = float(all_reduce_sum(loss_sum)) / step_tokens
-        counts = all_reduce_sum(torch.tensor([n_tok, n_vis], dtype=torch.float64))
+        st = train_step(model, fwd_model, train_ds, packs[pos:pos + per_step], optimizer, scheduler, engine,
+                        vision_cache, cfg, dist, device)
+        step_loss = st["loss"]
+        counts = all_reduce_sum(torch.tensor([st["tokens"], st["visual_tokens"]], dtype=torch.float64))
         pos += per_step
         step += 1
         losses.append(step_loss)
         dt = max(time.time() - t0, 1e-9)
-        rec = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "epoch": epoch,
+        rec = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": st["grad_norm"], "epoch": epoch,
                "tokens_per_s": float(counts[0]) / dt, "visual_tokens_per_s": float(counts[1]) / dt,
-               "trained_tokens": step_tokens}
+               "trained_tokens": st["trained_tokens"]}
         if cfg.eval_every and eval_ds is not None and step % cfg.eval_every == 0:
             rec["eval_loss"] = _eval(fwd_model, eval_ds, cfg, device, eval_cache, dist)
         if step % max(cfg.log_every, 1) == 0 or step == total_steps:
@@ -344,8 +377,9 @@ def _visual(model):
 def _eval(model, ds, cfg, device, cache, dist) -> float:
     packs = pack_indices([ds[i].num_tokens for i in range(len(ds))], cfg.micro_batch_tokens)
     total, tokens = _loss_over(model, ds, packs[dist.rank::dist.world_size], device, cache, cfg.loss_chunk)
-    t = all_reduce_sum(torch.tensor([total, tokens], dtype=torch.float64))
-    return float(t[0] / max(t[1], 1))
+    total, tokens = all_reduce_sum(torch.stack([total, torch.tensor(float(tokens), dtype=torch.float64,
+                                                                    device=device)])).tolist()
+    return total / max(tokens, 1)
 
 
 def _save(out, step, model, optimizer, scheduler, engine, dist, state, keep_last):

@@ -282,6 +282,8 @@ class VisionForward:
             raise ValueError(f"VisionForward: {reason}")
         self.model = model
         self._plans: OrderedDict = OrderedDict()
+        # host copy of the rotary frequencies, read once here (per new grid it would be a device sync)
+        self._inv_freq = inner(model).visual.rotary_pos_emb.inv_freq.detach().cpu()
 
     def _plan(self, grid: tuple, vis, device) -> _Plan:
         """The grid's plan on `device` (built on the CPU once, moved once per device, LRU-cached)."""
@@ -292,7 +294,7 @@ class VisionForward:
             n_full = sum(i in cfg.fullatt_block_indexes for i in range(len(vis.blocks)))
             plan = _build_plan(list(grid), cfg.spatial_merge_size,
                                cfg.window_size // cfg.spatial_merge_size // cfg.patch_size,
-                               vis.rotary_pos_emb.inv_freq.detach().cpu(), float(vis.rotary_pos_emb.attention_scaling),
+                               self._inv_freq, float(vis.rotary_pos_emb.attention_scaling),
                                primary_is_window=len(vis.blocks) - n_full >= n_full)
             if torch.device(device).type != "cpu":
                 plan = plan.to(device)
