@@ -177,7 +177,8 @@ class RolloutEngine:
     memory free at that moment, so what training freed counts), and dropped when `generate` returns: between
     rollouts (forward, backward, optimizer step) the engine holds no KV memory. `keep_kv_pool=True` keeps it
     for the next call (reused when the next call asks for the same number of blocks). `release_kv_pool()`
-    drops a kept pool. Block size: None picks `attention.FLASH_BLOCK_SIZE` (256) when flash-attn's paged path
+    drops a kept pool. (Cost of a fresh pool: zero-filling it, measured 1.4 s for 512 MiB on a loaded 2-core
+    CPU; cudaMemset on a GPU is far cheaper. CPU callers that roll out in a loop may keep it.) Block size: None picks `attention.FLASH_BLOCK_SIZE` (256) when flash-attn's paged path
     will run, else 16."""
 
     def __init__(self, model, processor, *, max_rounds: int = 5, max_new_tokens: int = 512,
