@@ -286,3 +286,90 @@ def test_without_metadata_falls_back_to_sdpa():
     got, _ = paged_attention(layer, q, k, v, None, scaling=0.3)
     want, _ = sdpa_attention_forward(layer, q, k, v, None, scaling=0.3)
     torch.testing.assert_close(got, want)
+
+
+# --- the engine's pool: sized when generate starts, gone when it returns ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    from helpers_rollout import make_data, make_tiny
+    from videocom_fast.models import load
+    model, proc = load(make_tiny(tmp_path_factory.mktemp("kv_tiny")), dtype=torch.float32)
+    return model, proc, make_data(tmp_path_factory.mktemp("kv_data"), num_samples=2)
+
+
+def _engine(tiny32, **kw):
+    from helpers_rollout import env_factory
+    from videocom_fast.rollout import RolloutEngine
+    model, proc, _ = tiny32
+    return RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=1, max_new_tokens=2, **kw)
+
+
+def _generate_watching_pool(eng, samples, monkeypatch):
+    """generate(), returning a weak reference to the pool the engine held while it ran."""
+    import weakref
+    seen = []
+    step = type(eng)._step
+
+    def watching(self, out):
+        seen.append(weakref.ref(self.pool))
+        return step(self, out)
+
+    monkeypatch.setattr(type(eng), "_step", watching)
+    eng.generate(samples[:1], num_generations=2, greedy=True)
+    monkeypatch.setattr(type(eng), "_step", step)
+    assert seen and all(r() is seen[0]() for r in seen)   # one pool for the whole call
+    return seen[0]
+
+
+def test_engine_holds_no_kv_pool_after_generate(tiny32, monkeypatch):
+    """Between rollouts (the training step's forward, backward, optimizer) the engine holds no KV memory:
+    the pool is freed when generate returns, also when it fails; keep_kv_pool=True keeps and reuses it."""
+    import gc
+    samples = tiny32[2]
+    eng = _engine(tiny32, kv_budget_tokens=16 * 40)
+    assert eng.pool is None                                  # nothing allocated at construction
+    ref = _generate_watching_pool(eng, samples, monkeypatch)
+    gc.collect()
+    assert eng.pool is None and ref() is None
+    monkeypatch.setattr(type(eng), "_run", lambda self, s: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        eng.generate(samples[:1], num_generations=2)
+    assert eng.pool is None
+    monkeypatch.undo()
+    keep = _engine(tiny32, kv_budget_tokens=16 * 40, keep_kv_pool=True)
+    first = _generate_watching_pool(keep, samples, monkeypatch)
+    assert keep.pool is first() and keep.pool.num_blocks == 40
+    assert _generate_watching_pool(keep, samples, monkeypatch)() is first()   # reused, not reallocated
+    keep.release_kv_pool()
+    gc.collect()
+    assert first() is None
+
+
+def test_kv_pool_follows_the_budget_read_at_generate_time(tiny32, monkeypatch):
+    """VIDEOCOM_KV_CACHE_MB is read when generate starts, not when the engine is built; kv_budget_tokens is
+    exact in blocks; a bad value is refused by name at generate time."""
+    samples = tiny32[2]
+    monkeypatch.setenv("VIDEOCOM_KV_CACHE_MB", "64")
+    eng = _engine(tiny32)
+    cfg = tiny32[0].config.text_config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    for mb in (3, 1.5):
+        monkeypatch.setenv("VIDEOCOM_KV_CACHE_MB", str(mb))
+        eng.generate(samples[:1], num_generations=2, greedy=True)
+        want = int(mb * 2**20) // per_token
+        assert eng.stats["kv_pool_blocks"] == -(-want // 16)
+        assert abs(eng.stats["kv_pool_bytes"] - mb * 2**20) <= 16 * per_token
+        assert eng.stats["scheduler"]["num_free_blocks"] == eng.stats["kv_pool_blocks"]
+    monkeypatch.delenv("VIDEOCOM_KV_CACHE_MB")
+    eng.generate(samples[:1], num_generations=2, greedy=True)
+    assert abs(eng.stats["kv_pool_bytes"] - 256 * 2**20) <= 16 * per_token     # the CPU default
+    monkeypatch.setenv("VIDEOCOM_KV_CACHE_MB", "-1")
+    with pytest.raises(ValueError, match="VIDEOCOM_KV_CACHE_MB"):
+        eng.generate(samples[:1], num_generations=2)
+    eng = _engine(tiny32, kv_budget_tokens=16 * 7 + 1)
+    eng.generate(samples[:1], num_generations=2, greedy=True)
+    assert eng.stats["kv_pool_blocks"] == 8 and eng.stats["attention"] == "cpp" * HAS_CPP + "sdpa" * (not HAS_CPP)
+    with pytest.raises(ValueError, match="kv_budget_tokens"):
+        _engine(tiny32, kv_budget_tokens=15)

@@ -56,6 +56,11 @@ def build_info() -> dict:
         info.update(torch=None, cuda_device=False)
     info["triton"] = _importable("triton")
     info["flash_attn"] = _importable("flash_attn")
+    try:   # what the rollout engine's attention="auto" runs here ("flash-paged" | "cpp" | "sdpa")
+        from .rollout.attention import auto_label
+        info["attention"] = auto_label()
+    except ImportError:
+        info["attention"] = None
     info["dali"] = _importable("nvidia.dali")
     info["decoders"] = [name for name, mod in (("dali", "nvidia.dali"), ("torchcodec", "torchcodec.decoders"),
                                                ("pyav", "av")) if _importable(mod)]

@@ -8,8 +8,11 @@ VIDEOCOM_FRAME_CACHE_MB   byte budget of the shared frame cache in MiB (default 
 VIDEOCOM_OUT_CACHE_MB     budget of recycled CPU pixel_values buffers in MiB (default 256; 0 disables)
 VIDEOCOM_ATTENTION        rollout/training attention: "auto" (flash-attn when importable; on CPU the C++ paged
                           kernel; else sdpa), "sdpa", "cpp", "flash"
-VIDEOCOM_KV_CACHE_MB      the rollout engine's KV pool when kv_budget_tokens is not given, in MiB (default: 256 on
-                          the CPU -- 262k tokens of the tiny model; on CUDA 40% of the device's free memory)
+VIDEOCOM_KV_CACHE_MB      the rollout engine's KV pool when kv_budget_tokens is not given, in MiB, read when
+                          generate() starts (default: 256 on the CPU -- 262k tokens of the tiny model; on CUDA 40%
+                          of the memory free at that moment); the pool is freed when generate() returns
+VIDEOCOM_DALI_DECODERS    most DALI video pipelines (decoders) alive in one process (default 2), media/dali.py
+LOCAL_RANK                (set by torchrun / deepspeed) the GPU a process decodes video on
 VIDEOCOM_SCHEDULER        rollout scheduler: "auto" (default: C++ when built), "cpp", "python" (the twin)
 VIDEOCOM_CUDA             build time only (CMake): AUTO | ON | OFF
 """
@@ -48,7 +51,25 @@ def out_cache_mb() -> float:
     return float(os.environ.get("VIDEOCOM_OUT_CACHE_MB", "256"))
 
 
-def kv_cache_bytes(device) -> int:
+def dali_decoders() -> int:
+    raw = os.environ.get("VIDEOCOM_DALI_DECODERS", "2").strip() or "2"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"VIDEOCOM_DALI_DECODERS must be an int >= 1, got {raw!r}")
+    return int(raw)
+
+
+def local_rank() -> int | None:
+    raw = os.environ.get("LOCAL_RANK", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"LOCAL_RANK must be a non-negative int, got {raw!r}")
+    return int(raw)
+
+
+def kv_cache_bytes(device, held_bytes: int = 0) -> int:
+    """The rollout engine's KV budget, read when `generate` starts. On CUDA without VIDEOCOM_KV_CACHE_MB:
+    40% of the memory free now plus `held_bytes` (a pool the engine kept from its last call)."""
     mb = os.environ.get("VIDEOCOM_KV_CACHE_MB", "").strip()
     if mb:
         try:
@@ -60,5 +81,5 @@ def kv_cache_bytes(device) -> int:
         return int(val * 2**20)
     import torch
     if torch.device(device).type == "cuda":
-        return int(0.4 * torch.cuda.mem_get_info(device)[0])
+        return int(0.4 * (torch.cuda.mem_get_info(device)[0] + held_bytes))
     return 256 * 2**20

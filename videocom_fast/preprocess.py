@@ -16,7 +16,8 @@ whole chain is one kernel per backend, and it computes *the same tensor*:
 - Patchify: values are written straight into merge-window order (rows (t, h/2, w/2, 2, 2), columns
   (c, t, 14, 14)); an image is one frame written into both temporal slots; an odd video repeats its last frame.
 
-Backends, chosen here and only here: CUDA tensors -> the CUDA kernel when built (`_C.with_cuda`) else Triton;
+Backends, chosen here and only here: CUDA (any non-CPU) tensors -> the CUDA kernel when built (`_C.with_cuda`)
+else Triton, output on that device (GPU-decoded frames never visit the host);
 CPU tensors -> the C++ kernel (`_C.crop_resize_patchify`, torch.get_num_threads() threads); "torch" is the plain
 PyTorch reference.
 `VIDEOCOM_BACKEND=auto|triton|cuda|cpp|torch` or `force_backend(name)` (tests) pick one. Triton on CPU tensors
@@ -88,7 +89,9 @@ def select_backend(device: torch.device) -> str:
     if choice not in BACKENDS:
         raise ValueError(f"VIDEOCOM_BACKEND must be one of {BACKENDS}, got {choice!r}")
     if choice == "auto":
-        if device.type == "cuda":
+        # NOTE: any device that is not the host gets the device kernels (never a host round trip); on the
+        # meta stand-in accelerator of the tests that is the Triton launcher, which tests replace
+        if device.type != "cpu":
             cpp = _cpp()
             return "cuda" if cpp is not None and getattr(cpp, "with_cuda", False) else "triton"
         return "cpp" if _cpp() is not None else "torch"

@@ -15,9 +15,13 @@ Backends (one place picks, VIDEOCOM_DECODER forces one):
   is the packet with the i-th smallest pts, so B-frames and odd containers need no guessing.
 - "torchcodec": used when importable (it is not installed on this machine; the code follows its
   documented `VideoDecoder(..., seek_mode="exact").get_frames_at(indices)` API).
-- "dali": NVIDIA DALI `fn.decoders.video` with per-request `frames=` indices. On a CUDA machine the
-  "mixed" (NVDEC) variant decodes H.264/HEVC; the CPU variant only decodes VP8/VP9/MJPEG, which is how
-  this path is tested here. "auto" never picks DALI's CPU variant for H.264.
+- "dali" (media/dali.py): NVIDIA DALI `fn.decoders.video` with per-request `frames=` indices, through a
+  bounded pool of reusable pipelines. On a CUDA machine the "mixed" (NVDEC) variant decodes H.264/HEVC on
+  this process's GPU and the frames STAY there (`src.device`); the CPU variant only decodes VP8/VP9/MJPEG,
+  which is how this path is tested here. "auto" never picks DALI's CPU variant for H.264.
+
+`src.device` is where `get_frames` returns frames: the CPU, or the GPU of a GPU decoder (DALI mixed,
+torchcodec on CUDA); nothing here copies decoded frames to the host.
 
 Metadata comes from a demux-only scan (packets are read, not decoded): `num_frames` is the number of
 video packets that carry data, which stays right when the container's header lies about the count
@@ -39,9 +43,6 @@ import torch
 from .. import envs
 
 BACKENDS = ("dali", "torchcodec", "pyav")
-# codecs DALI's CPU variant decodes (FACTS.md: it refuses H.264, HEVC, MPEG-4)
-_DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
-_DALI_GPU_CODECS = _DALI_CPU_CODECS | {"h264", "hevc", "av1", "mpeg4"}
 
 
 # --- metadata: a demux-only scan ------------------------------------------------------------------
@@ -148,6 +149,7 @@ class VideoSource:
         st = os.stat(self.path)
         # identity for caches: the same file, unchanged (a rewritten file gets a new key)
         self.key = (os.path.realpath(self.path), st.st_size, st.st_mtime_ns)
+        self.device = torch.device("cpu")     # where get_frames returns frames (GPU decoders set theirs)
         self._lock = threading.Lock()
 
     def __repr__(self):
@@ -176,7 +178,7 @@ class VideoSource:
         """uint8 (T, H, W, 3): the exact frames at 0-based `indices`, in the given order."""
         idx = self.check_indices(indices)
         if not idx:
-            return torch.empty((0, self.height, self.width, 3), dtype=torch.uint8)
+            return torch.empty((0, self.height, self.width, 3), dtype=torch.uint8, device=self.device)
         uniq = sorted(set(idx))
         with self._lock:
             try:
@@ -188,7 +190,8 @@ class VideoSource:
         if uniq == idx:
             return frames_NHWC
         pos = {f: k for k, f in enumerate(uniq)}
-        return frames_NHWC[torch.tensor([pos[i] for i in idx])]
+        # the order is built on the host and moved once: frames may live on a GPU
+        return frames_NHWC.index_select(0, torch.tensor([pos[i] for i in idx]).to(frames_NHWC.device))
 
     def _decode_sorted(self, indices: list[int]) -> torch.Tensor:
         raise NotImplementedError
@@ -298,6 +301,7 @@ class TorchCodecSource(VideoSource):
         super().__init__(info)
         from torchcodec.decoders import VideoDecoder
 
+        self.device = torch.device(device)
         self._dec = VideoDecoder(self.path, dimension_order="NHWC", seek_mode="exact", device=device,
                                  num_ffmpeg_threads=1)
         meta = self._dec.metadata
@@ -306,55 +310,7 @@ class TorchCodecSource(VideoSource):
             raise _fail(self.path, f"torchcodec counts {meta.num_frames} frames, demux {self.num_frames}")
 
     def _decode_sorted(self, indices):
-        return self._dec.get_frames_at(indices=indices).data.cpu().contiguous()
-
-
-# --- DALI ------------------------------------------------------------------------------------------
-
-class DaliSource(VideoSource):
-    """DALI `fn.decoders.video` on the file's bytes with per-request `frames=` indices.
-
-    One pipeline per source (batch 1); the encoded bytes and the index list are fed per request.
-    device="mixed" decodes on the GPU (NVDEC); frames are copied back to the host to keep the contract
-    of uint8 CPU tensors (the preprocessing kernel moves them where it runs).
-    """
-
-    backend = "dali"
-
-    def __init__(self, info: VideoInfo, device: str = "cpu"):
-        super().__init__(info)
-        codecs = _DALI_CPU_CODECS if device == "cpu" else _DALI_GPU_CODECS
-        if info.codec not in codecs:
-            raise _fail(self.path, f"codec {info.codec!r} is not decodable by DALI's {device} variant")
-        self._device = device
-        self._data = np.fromfile(self.path, dtype=np.uint8)
-        self._pipe = _dali_pipeline(device)
-
-    def _decode_sorted(self, indices):
-        self._pipe.feed_input("enc", [self._data])
-        self._pipe.feed_input("frames", [np.asarray(indices, dtype=np.int32)])
-        (out,) = self._pipe.run()
-        if self._device != "cpu":
-            out = out.as_cpu()
-        arr = np.array(out[0])
-        if arr.shape != (len(indices), self.height, self.width, 3):
-            raise _fail(self.path, f"DALI returned shape {arr.shape}")
-        return torch.from_numpy(arr)
-
-
-def _dali_pipeline(device: str):
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if device != "cpu" else None,
-                  exec_dynamic=True, prefetch_queue_depth=1)
-    def pipe():
-        enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
-        frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-        return fn.decoders.video(enc, device=device, frames=frames)
-
-    p = pipe()
-    p.build()
-    return p
+        return self._dec.get_frames_at(indices=indices).data.contiguous()   # on self.device
 
 
 # --- choosing a backend ----------------------------------------------------------------------------
@@ -392,7 +348,7 @@ def choose_backend(codec: str, backend: str = "auto") -> str:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
         return backend
-    if _cuda() and codec in _DALI_GPU_CODECS and _importable("nvidia.dali"):
+    if _cuda() and codec in DALI_GPU_CODECS and _importable("nvidia.dali"):
         return "dali"
     if _importable("torchcodec.decoders"):
         return "torchcodec"
@@ -412,7 +368,7 @@ def open_video(path, backend: str = "auto", *, verify: str = "ends") -> VideoSou
         if name == "pyav":
             src = PyAVSource(info)
         elif name == "torchcodec":
-            src = TorchCodecSource(info, device="cuda" if _cuda() else "cpu")
+            src = TorchCodecSource(info, device=f"cuda:{cuda_device_index()}" if _cuda() else "cpu")
         else:
             src = DaliSource(info, device="mixed" if _cuda() else "cpu")
         # a corrupt or truncated file fails here, once, not in the middle of a rollout
@@ -441,6 +397,8 @@ def _verify_full(src: VideoSource):
     for start in range(0, src.num_frames, 64):
         src.get_frames(range(start, min(start + 64, src.num_frames)))
 
+
+from .dali import DALI_GPU_CODECS, DaliSource, cuda_device_index  # noqa: E402 (dali.py imports VideoSource)
 
 __all__ = ["VideoError", "VideoSource", "VideoInfo", "PyAVSource", "TorchCodecSource", "DaliSource",
            "open_video",

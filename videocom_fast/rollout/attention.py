@@ -16,13 +16,22 @@ Backends (one code path in the engine, chosen here):
   "k_transposed", kv_cache.py) and tiles query rows so each K/V block loaded serves many query vectors.
 - `sdpa` (other dtypes/devices, or VIDEOCOM_ATTENTION=sdpa): decodes are batched into one SDPA call (block tables padded, key-length mask);
   each prefill chunk is one SDPA call on its gathered blocks (no mask when it starts at row 0).
-- CUDA with flash-attn importable and a block size that flash-attn's paged KV accepts (multiple of 256):
-  `flash_attn_varlen_func` with `block_table` reads the pool directly. Not exercised on this CPU machine.
+- "flash" (reported as "flash-paged"): CUDA, fp16/bf16, flash-attn importable with a `block_table` argument.
+  ONE `flash_attn_varlen_func(q, k_pool, v_pool, cu_seqlens_q, cu_seqlens_k, ..., causal=True,
+  block_table=...)` per layer serves every chunk of the step, reading the pool's blocks in place. FA2's paged
+  path takes only pages that are a multiple of 256 rows (flash_api.cpp: "Paged KV cache block size must be
+  divisible by 256"), so the engine picks `FLASH_BLOCK_SIZE` blocks when this backend will run. Its causal
+  mask is aligned to the bottom right (query row i of n sees keys j <= seqlen_k - n + i), which is exactly
+  "row i of a chunk starting at `start` sees keys <= start + i" with seqlen_k = start + n.
+  flash-attn cannot be installed on the CPU machines this project is built on: tests/test_flash_paged.py
+  runs this path through a fake `flash_attn` module that checks the arguments as flash_api.cpp does
+  (dtypes, shapes, contiguity, int32 tables and cu_seqlens, page size) and computes a plain reference.
 Without `paged` metadata (training forwards of the same model) the call falls through to transformers'
 own SDPA attention, so registering this function never changes any other forward.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -41,6 +50,11 @@ ATTENTION_NAME = "videocom_paged"
 #   Hq 28, Hkv 4, D 128, 2 threads: 32 rows 2.8 / 3.6 / 3.7, 128 rows 3.2 / 2.6 / 2.7, 512 rows - / 3.4 / 2.2
 # so no chunk length is better served by SDPA; the limit stays as a knob for tests and benches.
 CPP_MAX_QUERY_ROWS = 1 << 30
+FLASH_BLOCK_SIZE = 256              # the smallest page FA2's paged varlen path accepts
+# device types the flash path may run on: CUDA only; tests add "cpu" to run it through a fake flash_attn
+FLASH_DEVICE_TYPES = ("cuda",)
+# what stats / build_info call each backend
+LABELS = {"flash": "flash-paged", "cpp": "cpp", "sdpa": "sdpa"}
 
 
 @dataclass
@@ -104,25 +118,59 @@ class PagedBatch:
         return self._cache["cpp"]
 
     def flash_meta(self, device):
+        """flash-attn's varlen metadata: int32 cu_seqlens_q/k (chunks + 1,), max lengths, and an int32 block
+        table (chunks, max blocks) padded with block 0 (never read: seqlen_k bounds each row). Built on the
+        host, then one copy per tensor to the device."""
         if "flash" not in self._cache:
-            cu_q = torch.tensor([0, *torch.tensor(self.q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-            cu_k = torch.tensor([0, *torch.tensor(self.ctx_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-            maxb = max(len(t) for t in self.block_tables)
-            table = torch.zeros(len(self.block_tables), maxb, dtype=torch.int32)
-            for r, t in enumerate(self.block_tables):
-                table[r, :len(t)] = torch.as_tensor(t)
-            self._cache["flash"] = (cu_q, cu_k, max(self.q_lens), max(self.ctx_lens), table.to(device))
+            bs = self.pool.block_size
+            nb = [-(-c // bs) for c in self.ctx_lens]
+            cu = np.zeros((2, len(nb) + 1), dtype=np.int32)
+            np.cumsum(self.q_lens, out=cu[0, 1:])
+            np.cumsum(self.ctx_lens, out=cu[1, 1:])
+            table = np.zeros((len(nb), max(nb)), dtype=np.int32)
+            for r, (t, k) in enumerate(zip(self.block_tables, nb)):
+                table[r, :k] = t[:k]
+            cu_t = torch.from_numpy(cu).to(device)
+            self._cache["flash"] = (cu_t[0], cu_t[1], max(self.q_lens), max(self.ctx_lens),
+                                    torch.from_numpy(table).to(device))
         return self._cache["flash"]
 
 
-def flash_available(block_size: int, device) -> bool:
-    if torch.device(device).type != "cuda" or block_size % 256:
-        return False
+def flash_unavailable(block_size: int, device, dtype, head_dim: int) -> str | None:
+    """None when flash-attn's paged varlen path can serve a pool of `block_size` rows of `dtype` on
+    `device`, else the reason it cannot (for error messages and build_info)."""
+    if torch.device(device).type not in FLASH_DEVICE_TYPES:
+        return f"flash-attn runs on CUDA (device {torch.device(device).type})"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes fp16/bf16 (dtype {dtype})"
+    if head_dim > 256:
+        return f"flash-attn takes head_dim <= 256 (head_dim {head_dim})"
+    if block_size % 256:
+        return f"flash-attn's paged KV needs block_size % 256 == 0 (block_size {block_size})"
     try:
-        import flash_attn  # noqa: F401
+        import flash_attn
     except ImportError:
-        return False
-    return True
+        return "flash_attn is not importable"
+    fn = getattr(flash_attn, "flash_attn_varlen_func", None)
+    if fn is None or "block_table" not in inspect.signature(fn).parameters:
+        return "this flash_attn has no flash_attn_varlen_func(..., block_table=...) (flash-attn >= 2.5.6)"
+    return None
+
+
+def flash_available(block_size: int, device, dtype=torch.bfloat16, head_dim: int = 128) -> bool:
+    return flash_unavailable(block_size, device, dtype, head_dim) is None
+
+
+def auto_label(device=None, dtype=None, head_dim: int = 128) -> str:
+    """What attention="auto" runs for a model on `device` in `dtype` (default: CUDA in bf16 when a GPU is
+    visible, else the CPU in float32), as stats and build_info name it."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if flash_unavailable(FLASH_BLOCK_SIZE, device, dtype, head_dim) is None:
+        return LABELS["flash"]
+    return LABELS["cpp"] if cpp_available(device, dtype) else LABELS["sdpa"]
 
 
 def cpp_available(device, dtype) -> bool:
@@ -161,7 +209,8 @@ def attend(q_LHD, layer: int, paged: PagedBatch, scaling=None) -> torch.Tensor:
     if paged.backend == "flash":
         from flash_attn import flash_attn_varlen_func
         cu_q, cu_k, max_q, max_k, table = paged.flash_meta(q_LHD.device)
-        return flash_attn_varlen_func(q_LHD, kp, vp, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True,
+        q = q_LHD if q_LHD.stride(-1) == 1 else q_LHD.contiguous()
+        return flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True,
                                       block_table=table)
     out_LHD = torch.empty(q_LHD.shape, dtype=q_LHD.dtype, device=q_LHD.device)
     if paged.cpp_chunks:

@@ -39,6 +39,7 @@ Finish reasons: "answer", "max_rounds", "max_new_tokens" (the last round hit the
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -171,18 +172,25 @@ def positions_for(cursor: MRopeCursor, ids: list[int], media: list, image_pad: i
 
 
 class RolloutEngine:
+    """KV memory: the paged pool is allocated when `generate` starts, sized from `kv_budget_tokens` or, when
+    that is None, the byte budget `envs.kv_cache_bytes` read THEN (VIDEOCOM_KV_CACHE_MB; on CUDA 40% of the
+    memory free at that moment, so what training freed counts), and dropped when `generate` returns: between
+    rollouts (forward, backward, optimizer step) the engine holds no KV memory. `keep_kv_pool=True` keeps it
+    for the next call (reused when the next call asks for the same number of blocks). `release_kv_pool()`
+    drops a kept pool. (Cost of a fresh pool: zero-filling it, measured 1.4 s for 512 MiB on a loaded 2-core
+    CPU; cudaMemset on a GPU is far cheaper. CPU callers that roll out in a loop may keep it.) Block size: None picks `attention.FLASH_BLOCK_SIZE` (256) when flash-attn's paged path
+    will run, else 16."""
+
     def __init__(self, model, processor, *, max_rounds: int = 5, max_new_tokens: int = 512,
-                 max_batch_tokens: int = 4096, kv_budget_tokens: int | None = None, block_size: int = 16,
+                 max_batch_tokens: int = 4096, kv_budget_tokens: int | None = None, block_size: int | None = None,
                  media_config=None, frame_cache=None, dtype=None, attention: str = "auto",
                  max_num_seqs: int = 256, scheduler_impl: str = "auto", num_workers: int = 1,
-                 text_forward: str = "auto", env_factory=None, forced_rounds=None):
+                 text_forward: str = "auto", env_factory=None, forced_rounds=None, keep_kv_pool: bool = False):
         for name, v, low in (("max_rounds", max_rounds, 1), ("max_new_tokens", max_new_tokens, 1),
-                             ("max_batch_tokens", max_batch_tokens, 1), ("block_size", block_size, 1),
+                             ("max_batch_tokens", max_batch_tokens, 1), ("block_size", block_size or 1, 1),
                              ("max_num_seqs", max_num_seqs, 1), ("num_workers", num_workers, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"RolloutEngine: {name} must be an int >= {low}, got {v!r}")
-        if kv_budget_tokens is not None and (not isinstance(kv_budget_tokens, int) or kv_budget_tokens < block_size):
-            raise ValueError(f"RolloutEngine: kv_budget_tokens must be an int >= block_size, got {kv_budget_tokens!r}")
         self.model, self.processor = model, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.chat = ChatTokens(self.tokenizer)
@@ -199,29 +207,30 @@ class RolloutEngine:
         self.device = next(model.parameters()).device
         self.dtype = dtype or next(m.language_model.parameters()).dtype
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        if kv_budget_tokens is None:   # a byte budget (VIDEOCOM_KV_CACHE_MB) turned into tokens for this model
-            per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * self.dtype.itemsize
-            kv_budget_tokens = max(block_size, envs.kv_cache_bytes(self.device) // per_token)
-        num_blocks = -(-kv_budget_tokens // block_size)
-        self.sched_config = SchedulerConfig(max_num_batched_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
-                                            block_size=block_size, num_blocks=num_blocks,
-                                            max_prefill_chunk=max_batch_tokens)
         choice = attention if attention != "auto" else envs.attention()
         if choice not in ("auto", "sdpa", "flash", "cpp"):
             raise ValueError(f"RolloutEngine: attention must be 'auto', 'sdpa', 'flash' or 'cpp', got {attention!r}")
-        flash_ok = attn.flash_available(block_size, self.device)
+        flash_why = attn.flash_unavailable(block_size or attn.FLASH_BLOCK_SIZE, self.device, self.dtype, head_dim)
         cpp_ok = attn.cpp_available(self.device, self.dtype)
-        if choice == "flash" and not flash_ok:
-            raise ValueError("RolloutEngine: attention='flash' needs CUDA, flash-attn and block_size % 256 == 0")
+        if choice == "flash" and flash_why:
+            raise ValueError(f"RolloutEngine: attention='flash' cannot run: {flash_why}")
         if choice == "cpp" and not cpp_ok:
             raise ValueError("RolloutEngine: attention='cpp' needs a CPU model in float32/float64 and the built "
                              "videocom_fast._C extension")
-        self.attn_backend = ("flash" if flash_ok and choice in ("auto", "flash") else
+        self.attn_backend = ("flash" if flash_why is None and choice in ("auto", "flash") else
                              "cpp" if cpp_ok and choice in ("auto", "cpp") else "sdpa")
+        block_size = block_size or (attn.FLASH_BLOCK_SIZE if self.attn_backend == "flash" else 16)
+        if kv_budget_tokens is not None and (isinstance(kv_budget_tokens, bool) or not isinstance(kv_budget_tokens, int)
+                                             or kv_budget_tokens < block_size):
+            raise ValueError(f"RolloutEngine: kv_budget_tokens must be None or an int >= block_size ({block_size}), "
+                             f"got {kv_budget_tokens!r}")
+        self.kv_budget_tokens, self.keep_kv_pool = kv_budget_tokens, keep_kv_pool
+        self.pool: PagedKVPool | None = None     # allocated by generate (see the class docstring)
         # K transposed within blocks is what the C++ kernel reads; SDPA and flash-attn read the standard layout
-        self.pool = PagedKVPool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim,
-                                dtype=self.dtype, device=self.device,
-                                layout="k_transposed" if self.attn_backend == "cpp" else "standard")
+        self._pool_shape = (tc.num_hidden_layers, block_size, tc.num_key_value_heads, head_dim)
+        self._pool_layout = "k_transposed" if self.attn_backend == "cpp" else "standard"
+        self.sched_config = SchedulerConfig(max_num_batched_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
+                                            block_size=block_size, num_blocks=1, max_prefill_chunk=max_batch_tokens)
         if text_forward not in ("auto", "packed", "transformers"):
             raise ValueError(f"RolloutEngine: text_forward must be 'auto', 'packed' or 'transformers', "
                              f"got {text_forward!r}")
@@ -242,6 +251,15 @@ class RolloutEngine:
         samples = list(samples)
         self.params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
         self.G, self.seed = num_generations, seed
+        self._acquire_pool()
+        try:
+            return self._generate(samples)
+        finally:
+            if not self.keep_kv_pool:
+                self.release_kv_pool()
+
+    def _generate(self, samples) -> list[list[Trajectory]]:
+        num_generations = self.G
         self.sched = make_scheduler(self.sched_config, self.scheduler_impl)
         self.results = [[None] * num_generations for _ in samples]
         self.seqs: dict[int, _Seq] = {}
@@ -249,7 +267,9 @@ class RolloutEngine:
         self.stats = dict(generated_tokens=0, prefill_tokens=0, decode_tokens=0, prefill_tokens_saved=0,
                           prefix_tokens_shared=0, kv_reuse_tokens=0, visual_tokens=0, vision_tokens_encoded=0,
                           vision_cache_hits=0, vision_cache_misses=0, wall_s=0.0, model_s=0.0, vision_s=0.0,
-                          env_s=0.0, env_wait_s=0.0, steps=0, preemptions=0, kv_budget_finishes=0, rounds=0)
+                          env_s=0.0, env_wait_s=0.0, steps=0, preemptions=0, kv_budget_finishes=0, rounds=0,
+                          attention=attn.LABELS[self.attn_backend], kv_pool_blocks=self.pool.num_blocks,
+                          kv_pool_bytes=self.pool.nbytes, block_size=self.pool.block_size)
         t0 = time.perf_counter()
         self.packed = self._packed_forward()
         self.vision = self._vision_forward()
@@ -269,6 +289,27 @@ class RolloutEngine:
         st["scheduler"] = self.sched.stats()
         self.sched = None
         return self.results
+
+    def release_kv_pool(self) -> None:
+        """Drop the KV pool (its memory returns to the allocator: on CUDA, to the caching allocator that
+        the training step allocates from next)."""
+        self.pool = None
+
+    def _acquire_pool(self) -> None:
+        """Size the pool for this call (the budget read now, not at construction) and allocate it, or reuse a
+        kept pool of the same size."""
+        layers, bs, hkv, hd = self._pool_shape
+        tokens = self.kv_budget_tokens
+        if tokens is None:   # a byte budget turned into tokens for this model; a kept pool counts as free
+            per_token = 2 * layers * hkv * hd * self.dtype.itemsize
+            held = self.pool.nbytes if self.pool is not None else 0
+            tokens = max(bs, envs.kv_cache_bytes(self.device, held_bytes=held) // per_token)
+        num_blocks = -(-tokens // bs)
+        if self.pool is None or self.pool.num_blocks != num_blocks:
+            self.pool = None    # NOTE: the old pool is freed before the new one is allocated
+            self.pool = PagedKVPool(layers, num_blocks, bs, hkv, hd, dtype=self.dtype, device=self.device,
+                                    layout=self._pool_layout)
+        self.sched_config = dataclasses.replace(self.sched_config, num_blocks=num_blocks)
 
     def _packed_forward(self):
         """The packed text forward when the model allows it (checked per call: hooks and adapters come and
