@@ -104,7 +104,7 @@ VCF_HD void rotary_head(T* x, const T* c, const T* s, int64_t half) {
 
 template <typename T>
 VCF_HD T silu_mul(T g, T u) {
-  const T s = g / ((T)1 + (T)exp(-g));
+  const T s = g / ((T)1 + (T)std::exp(-g));   // std::exp: the float overload for float
   return s * u;
 }
 

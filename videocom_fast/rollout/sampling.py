@@ -145,12 +145,14 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
                              tokens.numpy())
         elif impl == "cpp":
             raise ValueError("sample: impl='cpp' needs CPU float32 logits and the built videocom_fast._C")
-        elif work.device.type == "cpu" and _top_k_only_applies(work, params):   # (its tie check reads the device)
-            tokens = _draw_top_k(work, params, u)
+        elif _top_k_only_applies(work, params):
+            tokens, ties_N = _draw_top_k(work, params, u)
+            if work.device.type == "cpu":
+                tokens = None if bool(ties_N.any()) else tokens
+            else:   # no host read of the tie check (a sync): both draws, the full-vocabulary one where ties are
+                tokens = torch.where(ties_N, _draw_full(work, params, u), tokens)
         if tokens is None:
-            probs = filter_logits(work, params.top_k, params.top_p).softmax(-1)
-            cdf = probs.double().cumsum(-1)
-            tokens = _search(cdf, u)
+            tokens = _draw_full(work, params, u)
     if forced is not None:
         tokens = torch.where(forced >= 0, forced, tokens)
     # log_softmax itself (not x - logsumexp, which rounds differently): bit-equal to the trainer's log-probs
@@ -176,14 +178,18 @@ def _top_k_only_applies(work_NV: torch.Tensor, params: SamplingParams) -> bool:
     return bool(params.top_k) and params.top_k < work_NV.shape[-1]
 
 
-def _draw_top_k(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor) -> torch.Tensor | None:
+def _draw_full(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor) -> torch.Tensor:
+    cdf = filter_logits(work_NV, params.top_k, params.top_p).softmax(-1).double().cumsum(-1)
+    return _search(cdf, u_N)
+
+
+def _draw_top_k(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same filtered distribution as `filter_logits`, computed on the k largest logits only (sorted, so
-    top-p needs no full-vocabulary sort): ~V/k less work per row. None when a row has ties at its k-th
-    value (top-k keeps them all; the caller then takes the full-vocabulary path)."""
+    top-p needs no full-vocabulary sort): ~V/k less work per row. Also returns which rows have ties at their
+    k-th value (top-k keeps them all: those rows must take the full-vocabulary draw)."""
     k = params.top_k
     vals_NK, idx_NK = work_NV.topk(k, dim=-1)                 # descending
-    if bool(((work_NV >= vals_NK[:, -1:]).sum(-1) > k).any()):
-        return None
+    ties_N = (work_NV >= vals_NK[:, -1:]).sum(-1) > k
     asc = vals_NK.flip(-1)
     if params.top_p < 1.0:
         cum = asc.softmax(-1).cumsum(-1)
@@ -191,4 +197,4 @@ def _draw_top_k(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor
         drop[..., -1:] = False                                 # always keep the most likely token
         asc = asc.masked_fill(drop, float("-inf"))
     cdf = asc.softmax(-1).double().cumsum(-1)
-    return idx_NK.flip(-1).gather(-1, _search(cdf, u_N)[:, None]).squeeze(-1)
+    return idx_NK.flip(-1).gather(-1, _search(cdf, u_N)[:, None]).squeeze(-1), ties_N
