@@ -10,7 +10,7 @@ Both engines run the same workload with the same weights and seeds; the only dif
 `RolloutEngine.step_impl`: "lean" (fused QKV / gate-up weights, fused add+RMSNorm, rotary, K/V write and
 SiLU*mul kernels, one staging upload and one download per step) or "unfused" (the previous step, op by op;
 the baseline). Per step: ms inside `_step` (mean over every step of one generate, after one untimed warm-up
-generate), kernel-launching aten ops per step and per decoder layer (tests/helpers_op_count.py's dispatch mode,
+generate, and over its decode-only steps: the host-bound ones), kernel-launching aten ops per step and per decoder layer (tests/helpers_op_count.py's dispatch mode,
 counted on one separate generate), and the fraction of generate's wall time outside `_step` + vision.
 Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest bench/bench_engine_step.py --benchmark-only -o python_files="bench_*.py" -s
 """
@@ -56,6 +56,7 @@ class _StepTimer:
 
     def __init__(self, eng):
         self.eng, self.seconds, self.steps = eng, 0.0, 0
+        self.decode_seconds, self.decode_steps = 0.0, 0   # steps of decodes only (no prefill chunk)
 
     def __enter__(self):
         inner = type(self.eng)._step.__get__(self.eng)
@@ -63,8 +64,12 @@ class _StepTimer:
         def timed(out):
             t = time.perf_counter()
             inner(out)
-            self.seconds += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            self.seconds += dt
             self.steps += 1
+            if not any(c.is_prefill for c in out.scheduled):
+                self.decode_seconds += dt
+                self.decode_steps += 1
         self.eng._step = timed
         return self
 
@@ -97,6 +102,7 @@ def _run(benchmark, setup, impl: str) -> None:
     st, stats = timer["st"], eng.stats
     ops = _ops_per_step(eng, run)
     info = dict(host_ms_per_step=1e3 * st.seconds / st.steps, steps=st.steps, ops_per_step=ops,
+                decode_ms_per_step=1e3 * st.decode_seconds / max(st.decode_steps, 1), decode_steps=st.decode_steps,
                 ops_per_layer=ops / LAYERS, generated_tokens=stats["generated_tokens"],
                 outside_step_frac=1.0 - (st.seconds + stats["vision_s"]) / stats["wall_s"],
                 outside_model_frac=stats["outside_model_frac"],
@@ -122,10 +128,12 @@ def _table():
         return
     print(f"\n\nengine step, {LAYERS}-layer tiny Qwen2.5-VL fp32 on the CPU, {PROMPTS} prompts x G={G}, "
           f"{ROUNDS} rounds <= {NEW} tokens")
-    print(f"{'step':10} {'host ms/step':>12} {'steps':>6} {'ops/step':>9} {'ops/layer':>9} {'outside step':>12}")
+    print(f"{'step':10} {'ms/step':>8} {'steps':>6} {'decode ms/step':>14} {'decode steps':>12} {'ops/step':>9} "
+          f"{'ops/layer':>9} {'outside step':>12}")
     for name, r in _rows.items():
-        print(f"{name:10} {r['host_ms_per_step']:12.2f} {r['steps']:6d} {r['ops_per_step']:9.0f} "
-              f"{r['ops_per_layer']:9.1f} {100 * r['outside_step_frac']:11.1f}%")
+        print(f"{name:10} {r['host_ms_per_step']:8.2f} {r['steps']:6d} {r['decode_ms_per_step']:14.2f} "
+              f"{r['decode_steps']:12d} {r['ops_per_step']:9.0f} {r['ops_per_layer']:9.1f} "
+              f"{100 * r['outside_step_frac']:11.1f}%")
     if {"lean", "unfused"} <= set(_rows):
-        print(f"lean / unfused host time per step: "
-              f"{_rows['lean']['host_ms_per_step'] / _rows['unfused']['host_ms_per_step']:.3f}")
+        for key in ("host_ms_per_step", "decode_ms_per_step"):
+            print(f"lean / unfused {key}: {_rows['lean'][key] / _rows['unfused'][key]:.3f}")

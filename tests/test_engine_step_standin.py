@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from helpers_op_count import KernelOpCounter
 from helpers_rollout import tiny_dir  # noqa: F401
 from videocom_fast import modeling
 from videocom_fast.models import load
@@ -46,6 +47,20 @@ def _step(model, device, dev=None):
     tok, lp = sample(logits, SamplingParams(temperature=0.9, top_k=20), uniforms=up[5 * L + N:].view(torch.float64))
     tok_f, lp_f = torch.stack((tok.to(torch.float64), lp.to(torch.float64))).cpu().tolist()   # the one download
     return [int(t) for t in tok_f], lp_f, before
+
+
+def test_device_path_issues_at_most_12_kernels_per_layer(tiny_dir):
+    """The path a GPU takes (torch.library ops, standard KV layout, attention counted as one op as flash-attn's
+    paged kernel is), counted on the stand-in device."""
+    model, _ = load(tiny_dir, dtype=torch.float32)
+    with torch.no_grad(), StandIn() as dev:
+        dmodel = dev.put(model)
+        with KernelOpCounter(attention_as_one=True) as c:
+            _step(dmodel, dev.device, dev)
+    assert c.layer_calls == modeling.inner(model).language_model.config.num_hidden_layers
+    assert c.per_layer <= 12, dict(c.layer_by_op)
+    assert c.per_layer == 10, dict(c.layer_by_op)
+    assert c.layer_by_op["add_rms_norm_"] == 2 * c.layer_calls and c.layer_by_op["kv_write_"] == c.layer_calls
 
 
 def test_lean_step_syncs_once_on_the_standin_device(tiny_dir):

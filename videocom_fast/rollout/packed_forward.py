@@ -96,7 +96,7 @@ class FusedWeights:
                 wo_t=a.o_proj.weight.detach().t(), bo=_detached(a.o_proj.bias),
                 wgu_t=cat(mlp.gate_proj.weight, mlp.up_proj.weight).t(),
                 bgu=cat(mlp.gate_proj.bias, mlp.up_proj.bias) if mlp.gate_proj.bias is not None else None,
-                wd_t=mlp.down_proj.weight.detach().t(), bd=_detached(mlp.down_proj.bias)))
+                wd_t=mlp.down_proj.weight.detach().t(), bd=_detached(mlp.down_proj.bias), scaling=a.scaling))
         self.norm, self.norm_eps = lm.norm.weight.detach(), float(lm.norm.variance_epsilon)
 
 
@@ -199,10 +199,10 @@ class PackedForward:
         h = fused.add_rms_norm(x, d, w["ln1"], w["eps1"])
         qkv = _linear(h, w["wqkv_t"], w["bqkv"])                       # (L, (Hq + 2 Hkv) Dh)
         fused.rotary_(qkv[:, :(Hq + Hkv) * Dh], cos, sin, Dh)
-        k = qkv[:, Hq * Dh:(Hq + Hkv) * Dh].unflatten(1, (Hkv, Dh))
-        v = qkv[:, (Hq + Hkv) * Dh:].unflatten(1, (Hkv, Dh))
+        k = qkv[:, Hq * Dh:(Hq + Hkv) * Dh].view(L, Hkv, Dh)     # strided rows: views, no copies
+        v = qkv[:, (Hq + Hkv) * Dh:].view(L, Hkv, Dh)
         fused.kv_write(paged.pool, i, slots_L, k, v)
-        o = attn.attend(qkv[:, :Hq * Dh].unflatten(1, (Hq, Dh)), i, paged, self.lm.layers[i].self_attn.scaling)
+        o = attn.attend(qkv[:, :Hq * Dh].view(L, Hq, Dh), i, paged, w["scaling"])
         h = fused.add_rms_norm(x, _linear(o.view(L, Hq * Dh), w["wo_t"], w["bo"]), w["ln2"], w["eps2"])
         return _linear(fused.silu_mul(_linear(h, w["wgu_t"], w["bgu"])), w["wd_t"], w["bd"])
 
