@@ -164,7 +164,10 @@ void crop_resize_patchify_cuda(const std::vector<std::tuple<intptr_t, int, int, 
 
 }  // namespace
 
+void register_fused_step(py::module_& m);   // csrc/cpu/fused_step.cpp (the engine step's fused ops)
+
 void register_kernels(py::module_& m) {
+  register_fused_step(m);
   m.def("crop_resize_patchify", &crop_resize_patchify, py::arg("frames"), py::arg("boxes"), py::arg("sizes"),
         py::arg("modes"), py::arg("lut"), py::arg("out"), py::arg("norm") = py::none(),
         "Fused crop -> resize -> normalize -> patchify of uint8 (T, H, W, 3) items into out (rows, 1176). norm: "

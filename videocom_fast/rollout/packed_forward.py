@@ -23,10 +23,13 @@ registered paged attention (attention.py): same tokens, slower.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from . import attention as attn
+from . import fused_step as fused
 
 
 def _plain_linear(m) -> bool:
@@ -67,10 +70,69 @@ def _rms(x, norm):
     return norm.weight * h.to(x.dtype)
 
 
-class PackedForward:
-    """`forward(x_LD, pos_3L, slots_L, paged) -> (L, D)` final-norm hidden states of a packed step."""
+class FusedWeights:
+    """Per layer: q/k/v and gate/up weights concatenated (one matmul each), norm weights as detached aliases.
 
-    def __init__(self, model):
+    Built once per language model and kept while its parameters are unchanged: `key` is every source
+    parameter's (`_version`, data_ptr), so an optimizer step (in-place update: the version moves), a
+    `load_state_dict` (copy_: same) or a `param.data = ...` swap (the pointer moves) makes `fused_weights`
+    rebuild them. NOTE: the concatenated copies cost one more copy of the q/k/v and gate/up weights (about
+    8.5 GB for a 7B model in bf16); the memory plan must count it while an engine is alive.
+    """
+
+    def __init__(self, lm, key):
+        self.key = key
+        cat = lambda *ps: torch.cat([p.detach() for p in ps])  # noqa: E731
+        self.layers = []
+        for layer in lm.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            qb = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+            self.layers.append(dict(
+                ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
+                eps1=float(layer.input_layernorm.variance_epsilon),
+                eps2=float(layer.post_attention_layernorm.variance_epsilon),
+                wqkv_t=cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight).t(),
+                bqkv=cat(*qb) if all(b is not None for b in qb) else None,
+                wo_t=a.o_proj.weight.detach().t(), bo=_detached(a.o_proj.bias),
+                wgu_t=cat(mlp.gate_proj.weight, mlp.up_proj.weight).t(),
+                bgu=cat(mlp.gate_proj.bias, mlp.up_proj.bias) if mlp.gate_proj.bias is not None else None,
+                wd_t=mlp.down_proj.weight.detach().t(), bd=_detached(mlp.down_proj.bias), scaling=a.scaling))
+        self.norm, self.norm_eps = lm.norm.weight.detach(), float(lm.norm.variance_epsilon)
+
+
+def _detached(p):
+    return None if p is None else p.detach()
+
+
+def weights_key(lm) -> tuple:
+    return tuple((p._version, p.data_ptr()) for p in lm.parameters())
+
+
+_FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def fused_weights(lm) -> FusedWeights:
+    """The language model's fused weights, rebuilt when any of its parameters changed since they were built."""
+    key = weights_key(lm)
+    fw = _FUSED.get(lm)
+    if fw is None or fw.key != key:
+        fw = _FUSED[lm] = FusedWeights(lm, key)
+    return fw
+
+
+def _linear(x, w_t, b):
+    return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+
+
+class PackedForward:
+    """`forward(x_LD, pos_3L, slots_L, paged) -> (L, D)` final-norm hidden states of a packed step.
+
+    `fused=True` (the engine's lean step): per decoder layer 10 kernels -- add+RMSNorm, QKV matmul, rotary
+    (q and k heads in place), K/V write, attention, o_proj, add+RMSNorm, gate/up matmul, SiLU*mul, down -- with
+    each residual add folded into the next norm. `fused=False`: the op-by-op formulation (the baseline of
+    bench/bench_engine_step.py and the reference of tests/test_engine_step.py)."""
+
+    def __init__(self, model, *, fused: bool = True):
         from .. import modeling
         reason = supports(model)
         if reason is not None:
@@ -87,6 +149,20 @@ class PackedForward:
         # frequency j reads position row sel[j]: sections of mrope_section cycle through t, h, w
         self.sel = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(sec)])
         self.scaling = float(rot.attention_scaling)
+        self.fused = fused
+        self.w = fused_weights(self.lm) if fused else None
+        dev = rot.inv_freq.device
+        self._sel_dev = self.sel.to(dev)            # moved once, not per step
+        self._inv = rot.inv_freq.to(dtype=torch.float32)
+
+    def rope_half(self, pos_3L: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (L, Dh/2) in `dtype`: the same float32 products as transformers' rotary module."""
+        p = pos_3L.t().index_select(1, self._sel_dev).float()     # (L, Dh/2), contiguous
+        f = p * self._inv
+        cos, sin = f.cos(), f.sin()
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        return cos.to(dtype), sin.to(dtype)
 
     def rope(self, pos_3L: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (L, 1, Dh) in `dtype`, computed in float32 as transformers does."""
@@ -106,6 +182,31 @@ class PackedForward:
 
     def __call__(self, x_LD: torch.Tensor, pos_3L: torch.Tensor, slots_L: torch.Tensor,
                  paged: attn.PagedBatch) -> torch.Tensor:
+        if not self.fused:
+            return self._unfused(x_LD, pos_3L, slots_L, paged)
+        cos, sin = self.rope_half(pos_3L, x_LD.dtype)
+        x, d = x_LD.clone(), None        # x: the residual stream, updated in place by each add+norm
+        for i in range(len(self.w.layers)):
+            d = self._layer(i, x, d, cos, sin, slots_L, paged)
+        return fused.add_rms_norm(x, d, self.w.norm, self.w.norm_eps)
+
+    def _layer(self, i, x, d, cos, sin, slots_L, paged):
+        """Layer i on the residual stream x (updated in place by the pending output `d` of the layer before);
+        returns this layer's MLP output, still to be added."""
+        w = self.w.layers[i]
+        L = x.shape[0]
+        Hq, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        h = fused.add_rms_norm(x, d, w["ln1"], w["eps1"])
+        qkv = _linear(h, w["wqkv_t"], w["bqkv"])                       # (L, (Hq + 2 Hkv) Dh)
+        fused.rotary_(qkv[:, :(Hq + Hkv) * Dh], cos, sin, Dh)
+        k = qkv[:, Hq * Dh:(Hq + Hkv) * Dh].view(L, Hkv, Dh)     # strided rows: views, no copies
+        v = qkv[:, (Hq + Hkv) * Dh:].view(L, Hkv, Dh)
+        fused.kv_write(paged.pool, i, slots_L, k, v)
+        o = attn.attend(qkv[:, :Hq * Dh].view(L, Hq, Dh), i, paged, w["scaling"])
+        h = fused.add_rms_norm(x, _linear(o.view(L, Hq * Dh), w["wo_t"], w["bo"]), w["ln2"], w["eps2"])
+        return _linear(fused.silu_mul(_linear(h, w["wgu_t"], w["bgu"])), w["wd_t"], w["bd"])
+
+    def _unfused(self, x_LD, pos_3L, slots_L, paged):
         L = x_LD.shape[0]
         Hq, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = self.rope(pos_3L, x_LD.dtype)

@@ -96,22 +96,32 @@ def filter_logits(logits_NV: torch.Tensor, top_k: int | None, top_p: float) -> t
 
 
 def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None,
-           suppress_ids: torch.Tensor | None = None, *, uniforms: np.ndarray | None = None,
-           impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+           suppress_ids: torch.Tensor | None = None, *, uniforms: np.ndarray | torch.Tensor | None = None,
+           forced: torch.Tensor | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (N,) int64, logprobs (N,) fp32). Randomness: one generator per row, or `uniforms` (N,) in
-    [0, 1) (ignored when greedy). `impl`: "auto" (C++ draw when it applies), "cpp", "torch"."""
+    [0, 1) (ignored when greedy): a numpy array (checked here) or a float64 tensor on the logits' device (the
+    engine's uploaded step metadata; its host copy was checked when it was built). `forced` (N,) int64: where
+    >= 0, that token replaces the draw (scripted rounds) and its log-prob is returned, computed the same way.
+    `impl`: "auto" (C++ draw when it applies), "cpp", "torch".
+    Sync-free on devices other than the CPU (no host read of a device value): the engine's step relies on it."""
     if logits_NV.ndim != 2:
         raise ValueError(f"sample: logits must be (N, V), got shape {tuple(logits_NV.shape)}")
     if impl not in ("auto", "cpp", "torch"):
         raise ValueError(f"sample: impl must be 'auto', 'cpp' or 'torch', got {impl!r}")
     N = logits_NV.shape[0]
-    if uniforms is not None:
+    if isinstance(uniforms, torch.Tensor):
+        if uniforms.shape != (N,) or uniforms.dtype != torch.float64:
+            raise ValueError(f"sample: a uniforms tensor must be float64 (N,) = ({N},), got {uniforms.dtype} "
+                             f"{tuple(uniforms.shape)}")
+    elif uniforms is not None:
         uniforms = np.ascontiguousarray(uniforms, dtype=np.float64)
         if uniforms.shape != (N,) or not ((uniforms >= 0) & (uniforms < 1)).all():
             raise ValueError(f"sample: uniforms must be (N,) = ({N},) values in [0, 1), got shape {uniforms.shape}")
     elif not params.greedy and (generators is None or len(generators) != N):
         raise ValueError(f"sample: need one generator per row ({N}) or uniforms, got "
                          f"{None if generators is None else len(generators)}")
+    if forced is not None and (forced.shape != (N,) or forced.dtype != torch.int64):
+        raise ValueError(f"sample: forced must be int64 (N,) = ({N},), got {forced.dtype} {tuple(forced.shape)}")
     scaled = logits_NV.float() / params.temperature
     work = scaled
     if suppress_ids is not None and suppress_ids.numel():
@@ -121,7 +131,9 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
     else:
         # inverse-CDF draw: one uniform per row from the row's own generator, then one vectorized search
         # (a per-row torch.multinomial call cost ~15x more on the CPU)
-        if uniforms is not None:
+        if isinstance(uniforms, torch.Tensor):
+            u = uniforms
+        elif uniforms is not None:
             u = torch.from_numpy(uniforms).to(work.device)
         else:
             u = torch.stack([torch.rand((), generator=g, device=work.device, dtype=torch.float64) for g in generators])
@@ -134,11 +146,15 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
         elif impl == "cpp":
             raise ValueError("sample: impl='cpp' needs CPU float32 logits and the built videocom_fast._C")
         elif _top_k_only_applies(work, params):
-            tokens = _draw_top_k(work, params, u)
+            tokens, ties_N = _draw_top_k(work, params, u)
+            if work.device.type == "cpu":
+                tokens = None if bool(ties_N.any()) else tokens
+            else:   # no host read of the tie check (a sync): both draws, the full-vocabulary one where ties are
+                tokens = torch.where(ties_N, _draw_full(work, params, u), tokens)
         if tokens is None:
-            probs = filter_logits(work, params.top_k, params.top_p).softmax(-1)
-            cdf = probs.double().cumsum(-1)
-            tokens = _search(cdf, u)
+            tokens = _draw_full(work, params, u)
+    if forced is not None:
+        tokens = torch.where(forced >= 0, forced, tokens)
     # log_softmax itself (not x - logsumexp, which rounds differently): bit-equal to the trainer's log-probs
     return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -162,14 +178,18 @@ def _top_k_only_applies(work_NV: torch.Tensor, params: SamplingParams) -> bool:
     return bool(params.top_k) and params.top_k < work_NV.shape[-1]
 
 
-def _draw_top_k(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor) -> torch.Tensor | None:
+def _draw_full(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor) -> torch.Tensor:
+    cdf = filter_logits(work_NV, params.top_k, params.top_p).softmax(-1).double().cumsum(-1)
+    return _search(cdf, u_N)
+
+
+def _draw_top_k(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same filtered distribution as `filter_logits`, computed on the k largest logits only (sorted, so
-    top-p needs no full-vocabulary sort): ~V/k less work per row. None when a row has ties at its k-th
-    value (top-k keeps them all; the caller then takes the full-vocabulary path)."""
+    top-p needs no full-vocabulary sort): ~V/k less work per row. Also returns which rows have ties at their
+    k-th value (top-k keeps them all: those rows must take the full-vocabulary draw)."""
     k = params.top_k
     vals_NK, idx_NK = work_NV.topk(k, dim=-1)                 # descending
-    if bool(((work_NV >= vals_NK[:, -1:]).sum(-1) > k).any()):
-        return None
+    ties_N = (work_NV >= vals_NK[:, -1:]).sum(-1) > k
     asc = vals_NK.flip(-1)
     if params.top_p < 1.0:
         cum = asc.softmax(-1).cumsum(-1)
@@ -177,4 +197,4 @@ def _draw_top_k(work_NV: torch.Tensor, params: SamplingParams, u_N: torch.Tensor
         drop[..., -1:] = False                                 # always keep the most likely token
         asc = asc.masked_fill(drop, float("-inf"))
     cdf = asc.softmax(-1).double().cumsum(-1)
-    return idx_NK.flip(-1).gather(-1, _search(cdf, u_N)[:, None]).squeeze(-1)
+    return idx_NK.flip(-1).gather(-1, _search(cdf, u_N)[:, None]).squeeze(-1), ties_N

@@ -1,0 +1,139 @@
+"""Host time per engine step: the lean step vs the unfused step (issue 16), measured in the same run.
+
+Workload: a 28-layer tiny-width Qwen2.5-VL (hidden 128, fp32, CPU), 4 prompts x G 8 rollouts, 2 rounds of at
+most 16 tokens, tests/helpers_rollout.py small media, scripted action rounds (forced_scripts), counter-based
+sampling (temperature 0.9, top-k 50). The model is narrow so that a step's arithmetic is small and the HOST
+work per step (Python, op dispatch, metadata) is what is measured: on a GPU with a 7B model that host work
+is what must stay under the ~6 ms of weight reads of a decode step.
+
+Both engines run the same workload with the same weights and seeds; the only difference is
+`RolloutEngine.step_impl`: "lean" (fused QKV / gate-up weights, fused add+RMSNorm, rotary, K/V write and
+SiLU*mul kernels, one staging upload and one download per step) or "unfused" (the previous step, op by op;
+the baseline). Per step: ms inside `_step` (mean over every step of one generate, after one untimed warm-up
+generate, and over its decode-only steps: the host-bound ones), kernel-launching aten ops per step and per decoder layer (tests/helpers_op_count.py's dispatch mode,
+counted on one separate generate), and the fraction of generate's wall time outside `_step` + vision.
+Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest bench/bench_engine_step.py --benchmark-only -o python_files="bench_*.py" -s
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from helpers_rollout import env_factory, forced_scripts, make_data  # noqa: E402
+from videocom_fast.models import build_tiny, load  # noqa: E402
+from videocom_fast.rollout import RolloutEngine  # noqa: E402
+
+G, PROMPTS, ROUNDS, NEW, LAYERS = 8, 4, 2, 16, 28
+_rows: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cache = ROOT / ".cache" / "bench_engine_step"
+    path = cache / "tiny28"
+    if not (path / "config.json").exists():
+        build_tiny(path, seed=0, num_hidden_layers=LAYERS)
+    model, proc = load(path, dtype=torch.float32)
+    # NOTE: one thread: host time is single-threaded work, and on this shared 2-core machine an OpenMP team
+    # whose second thread is descheduled turns every op's barrier into a wait for a time slice (measured:
+    # 1.5 s per step instead of ~30 ms under a load average of 13). Run with OMP_NUM_THREADS=1 for the C++
+    # kernels too.
+    torch.set_num_threads(1)
+    samples = make_data(cache / "data")[:PROMPTS]
+    return model, proc, samples, forced_scripts(samples, proc.tokenizer)
+
+
+class _StepTimer:
+    """Wall time inside `engine._step` (an instance attribute shadowing the method; removed on exit)."""
+
+    def __init__(self, eng):
+        self.eng, self.seconds, self.steps = eng, 0.0, 0
+        self.decode_seconds, self.decode_steps = 0.0, 0   # steps of decodes only (no prefill chunk)
+
+    def __enter__(self):
+        inner = type(self.eng)._step.__get__(self.eng)
+
+        def timed(out):
+            t = time.perf_counter()
+            inner(out)
+            dt = time.perf_counter() - t
+            self.seconds += dt
+            self.steps += 1
+            if not any(c.is_prefill for c in out.scheduled):
+                self.decode_seconds += dt
+                self.decode_steps += 1
+        self.eng._step = timed
+        return self
+
+    def __exit__(self, *exc):
+        del self.eng._step
+
+
+def _ops_per_step(eng, run) -> float:
+    from helpers_op_count import KernelOpCounter
+    with KernelOpCounter() as counter, _StepTimer(eng) as st:
+        run()
+    return counter.total / max(st.steps, 1)
+
+
+def _run(benchmark, setup, impl: str) -> None:
+    model, proc, samples, forced = setup
+    eng = RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=ROUNDS, max_new_tokens=NEW,
+                        forced_rounds=forced)
+    eng.step_impl = impl
+
+    def run():
+        return eng.generate(samples, num_generations=G, seed=0)
+    timer = {}
+
+    def timed_run():
+        with _StepTimer(eng) as st:
+            run()
+        timer["st"] = st
+    benchmark.pedantic(timed_run, rounds=1, warmup_rounds=1)
+    st, stats = timer["st"], eng.stats
+    ops = _ops_per_step(eng, run)
+    info = dict(host_ms_per_step=1e3 * st.seconds / st.steps, steps=st.steps, ops_per_step=ops,
+                decode_ms_per_step=1e3 * st.decode_seconds / max(st.decode_steps, 1), decode_steps=st.decode_steps,
+                ops_per_layer=ops / LAYERS, generated_tokens=stats["generated_tokens"],
+                outside_step_frac=1.0 - (st.seconds + stats["vision_s"]) / stats["wall_s"],
+                outside_model_frac=stats["outside_model_frac"],
+                role="baseline" if impl == "unfused" else "candidate")
+    benchmark.extra_info.update(info)
+    _rows[impl] = info
+
+
+@pytest.mark.benchmark(group="engine_step_28_layers")
+def test_step_unfused(benchmark, setup):
+    _run(benchmark, setup, "unfused")
+
+
+@pytest.mark.benchmark(group="engine_step_28_layers")
+def test_step_lean(benchmark, setup):
+    _run(benchmark, setup, "lean")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _table():
+    yield
+    if not _rows:
+        return
+    print(f"\n\nengine step, {LAYERS}-layer tiny Qwen2.5-VL fp32 on the CPU, {PROMPTS} prompts x G={G}, "
+          f"{ROUNDS} rounds <= {NEW} tokens")
+    print(f"{'step':10} {'ms/step':>8} {'steps':>6} {'decode ms/step':>14} {'decode steps':>12} {'ops/step':>9} "
+          f"{'ops/layer':>9} {'outside step':>12}")
+    for name, r in _rows.items():
+        print(f"{name:10} {r['host_ms_per_step']:8.2f} {r['steps']:6d} {r['decode_ms_per_step']:14.2f} "
+              f"{r['decode_steps']:12d} {r['ops_per_step']:9.0f} {r['ops_per_layer']:9.1f} "
+              f"{100 * r['outside_step_frac']:11.1f}%")
+    if {"lean", "unfused"} <= set(_rows):
+        for key in ("host_ms_per_step", "decode_ms_per_step"):
+            print(f"lean / unfused {key}: {_rows['lean'][key] / _rows['unfused'][key]:.3f}")

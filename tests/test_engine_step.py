@@ -1,0 +1,100 @@
+"""The engine's lean step (issue 16): kernels per decoder layer on the real step, fused weights re-read after a
+weight update, and the lean step's rollouts equal to the unfused step's.
+
+Op counts come from tests/helpers_op_count.py (a TorchDispatchMode plus counting wrappers on the C++ kernels):
+every kernel a decoder layer issues inside `PackedForward._layer` during a real `generate`, views excluded.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_op_count import KernelOpCounter
+from helpers_rollout import env_factory, forced_scripts, rollout_samples, tiny_dir  # noqa: F401
+from videocom_fast import modeling
+from videocom_fast.models import load
+from videocom_fast.rollout import RolloutEngine, packed_forward
+
+MAX_OPS_PER_LAYER = 12
+
+
+def _engine(model, proc, samples, **kw):
+    return RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=2, max_new_tokens=8,
+                         forced_rounds=forced_scripts(samples, proc.tokenizer), **kw)
+
+
+@pytest.fixture(scope="module")
+def model32(tiny_dir):
+    return load(tiny_dir, dtype=torch.float32)
+
+
+def test_cpu_step_issues_at_most_12_kernels_per_layer(model32, rollout_samples):
+    model, proc = model32
+    samples = rollout_samples[:2]
+    eng = _engine(model, proc, samples)
+    with KernelOpCounter() as c:
+        eng.generate(samples, num_generations=4, seed=3)
+    layers = modeling.inner(model).language_model.config.num_hidden_layers
+    assert c.layer_calls == layers * eng.stats["steps"] > 0
+    # exactly: add+norm, qkv, rotary, kv write, attention, o_proj, add+norm, gate/up, silu*mul, down
+    assert c.per_layer <= MAX_OPS_PER_LAYER, dict(c.layer_by_op)
+    assert c.per_layer == 10, dict(c.layer_by_op)
+    assert c.layer_by_op["_C.paged_attention"] == c.layer_calls
+    assert c.layer_by_op["_C.fused_add_rms_norm"] == 2 * c.layer_calls
+
+
+def test_unfused_step_counts_more_kernels(model32, rollout_samples):
+    """The counter can fail: the previous step's layers issue far more than 12 kernels each."""
+    model, proc = model32
+    samples = rollout_samples[:1]
+    eng = _engine(model, proc, samples)
+    eng.step_impl = "unfused"
+    ops = {}
+    for impl in ("unfused", "lean"):
+        eng.step_impl = impl
+        with KernelOpCounter() as c:
+            eng.generate(samples, num_generations=2, seed=1)
+        ops[impl] = c.total / eng.stats["steps"]
+    assert ops["unfused"] > 2 * ops["lean"], ops
+
+
+def test_lean_and_unfused_steps_give_the_same_rollouts(tiny_dir, rollout_samples):
+    """Greedy float64 token ids equal; sampled float32 log-probs within rounding (same uniforms, same draws)."""
+    samples = rollout_samples[:2]
+    for dtype, greedy in ((torch.float64, True), (torch.float32, False)):
+        model, proc = load(tiny_dir, dtype=dtype)
+        eng = _engine(model, proc, samples, max_batch_tokens=96)   # chunked prefills too
+        out = {}
+        for impl in ("unfused", "lean"):
+            eng.step_impl = impl
+            out[impl] = [t for g in eng.generate(samples, num_generations=3, greedy=greedy, seed=5) for t in g]
+        for a, b in zip(out["lean"], out["unfused"]):
+            assert a.token_ids == b.token_ids
+            assert a.generated_mask == b.generated_mask
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_fused_weights_are_rebuilt_after_a_weight_update(model32):
+    model, _ = model32
+    model = type(model)(model.config)   # a private copy: this test changes weights
+    model.load_state_dict(model32[0].state_dict())
+    model.eval()
+    lm = modeling.inner(model).language_model
+    fw = packed_forward.fused_weights(lm)
+    assert packed_forward.fused_weights(lm) is fw            # unchanged weights: the same cache
+    q = lm.layers[0].self_attn.q_proj
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    lm.norm.weight.sum().backward()                          # a gradient on one parameter only
+    q.weight.grad = torch.randn_like(q.weight)
+    opt.step()                                               # in place: the parameters' versions move
+    fw2 = packed_forward.fused_weights(lm)
+    assert fw2 is not fw
+    Hq = q.weight.shape[0]
+    assert torch.equal(fw2.layers[0]["wqkv_t"].t()[:Hq], q.weight.detach())
+    assert not torch.equal(fw.layers[0]["wqkv_t"].t()[:Hq], q.weight.detach())
+    up = lm.layers[1].mlp.up_proj
+    up.weight.data = up.weight.data * 2                      # a swapped tensor: the pointer moves
+    fw3 = packed_forward.fused_weights(lm)
+    assert fw3 is not fw2
+    F = up.weight.shape[0]
+    assert torch.equal(fw3.layers[1]["wgu_t"].t()[F:], up.weight.detach())
