@@ -78,7 +78,7 @@ def read_yaml(path) -> dict:
         with open(p) as f:   # a stream: the error's position names the file
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ValueError(f"config {str(p)!r}: not valid YAML: {e}") from None
+        raise ValueError(f"config {str(p)!r}: not valid YAML: {' '.join(str(e).split())}") from None
     data = data or {}
     if not isinstance(data, dict):
         raise ValueError(f"config {str(p)!r}: must hold a mapping at the top level")
