@@ -430,7 +430,9 @@ def _export(model, processor, out: Path, dist, engine):
 def _deepspeed(model, optimizer, scheduler, cfg: SFTConfig):
     import deepspeed
 
-    ds_cfg = json.loads(Path(cfg.deepspeed).read_text())
+    from .config import find_config
+
+    ds_cfg = json.loads(find_config(cfg.deepspeed).read_text())   # a file, or a packaged one (ds_zero3.json)
     ds_cfg["train_micro_batch_size_per_gpu"] = 1
     ds_cfg["gradient_accumulation_steps"] = cfg.grad_accum
     ds_cfg["gradient_clipping"] = cfg.max_grad_norm
