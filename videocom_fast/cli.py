@@ -174,11 +174,13 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from videocom_fast.cli_io import prepare_output_dir
+    from videocom_fast.cli_io import prepare_output_dir, results_only_on_stdout
     from videocom_fast.demo import run_demo
 
     prepare_output_dir(args.out, overwrite=args.overwrite, what="--out")
-    run_demo(args.out, fast=args.fast)
+    with results_only_on_stdout():   # stages, library warnings and the closing lines: stderr
+        summary = run_demo(args.out, fast=args.fast)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
