@@ -30,6 +30,11 @@ def parse_overrides(overrides) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ValueError(f"command line: {key}: cannot read {raw!r} as a YAML value ({e})") from None
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; users mean a number
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+            except ValueError:
+                pass
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
