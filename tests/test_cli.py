@@ -114,12 +114,16 @@ def test_bad_media_flag_names_the_key(tmp_path, capsys):
     assert rc == 2 and "media.nframes" in capsys.readouterr().err
 
 
-def test_missing_model_dir_is_reported_before_loading(tmp_path, capsys):
+def test_missing_model_dir_is_reported_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")     # before the fix: a Hub lookup (with retries when online)
+    (tmp_path / "v.mp4").write_bytes(b"")
+    sample = {"id": "s0", "video": "v.mp4", "answer": "A", "conversations": [
+        {"from": "human", "value": "<video>\nQuestion: which?\nOptions: A. x, B. y"}, {"from": "gpt", "value": "A. x"}]}
     data = tmp_path / "eval.json"
-    data.write_text("[]")
+    data.write_text(json.dumps([sample]))
     rc = main(["eval", "--model", str(tmp_path / "runs" / "grpo"), "--data", str(data), "--out", str(tmp_path / "e.json")])
     err = capsys.readouterr().err
-    assert rc == 2 and ("does not exist" in err or "no samples" in err)
+    assert rc == 2 and "runs/grpo" in err and "does not exist" in err
 
 
 def test_non_empty_output_dir_is_refused_unless_overwrite_or_resume(tmp_path, capsys):
@@ -205,3 +209,17 @@ def test_synth_then_overlay_via_console_script(tmp_path):
     from videocom_fast.media import open_video
     a, b = open_video(video), open_video(tmp_path / "o.mp4")
     assert (a.num_frames, a.fps, a.height, a.width) == (b.num_frames, b.fps, b.height, b.width)
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    from types import SimpleNamespace
+
+    from videocom_fast.training.sft import _progress
+
+    cfg, dist = SimpleNamespace(progress=True), SimpleNamespace(is_main=True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert _progress(cfg, dist, 10, 0) is None        # a redirected log: no carriage-return redraws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = _progress(cfg, dist, 10, 0)
+    assert bar is not None
+    bar.close()

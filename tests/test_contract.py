@@ -38,6 +38,7 @@ def test_synth_records_the_coordinates_of_its_zoom_boxes(world):
         assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
 
 
+@pytest.mark.slow
 def test_sft_refuses_data_written_for_other_image_limits(world, tmp_path):
     from videocom_fast.training.config import load_config
     from videocom_fast.training.sft import SFTConfig, run_sft
@@ -78,6 +79,7 @@ def test_resolve_order_explicit_model_data_defaults(tmp_path, world):
     assert m == MediaConfig() and src["media"] == "defaults"
 
 
+@pytest.mark.slow
 def test_sft_records_its_media_and_generation_limits_and_grpo_reads_them(world, tmp_path):
     from videocom_fast.training.config import load_config
     from videocom_fast.training.grpo import GRPOConfig, resolve_contract
@@ -119,6 +121,7 @@ def _model_with_contract(world, tmp_path, **generation):
     return model
 
 
+@pytest.mark.slow
 def test_eval_runs_under_the_models_recorded_limits(world, tmp_path):
     from videocom_fast.evaluate import evaluate
 
@@ -129,6 +132,7 @@ def test_eval_runs_under_the_models_recorded_limits(world, tmp_path):
     assert 0 < s["generated_tokens_mean"] <= 2 * 6 and s["rounds_mean"] <= 2
 
 
+@pytest.mark.slow
 def test_eval_cli_reproduces_an_in_process_evaluation(world, tmp_path, capsys):
     """The demo evaluates in process with its settings; the CLI on the same checkpoint, reading them from
     media.json, must give the same episodes (same seed and G)."""
@@ -150,6 +154,7 @@ def test_eval_cli_reproduces_an_in_process_evaluation(world, tmp_path, capsys):
     assert [json.loads(x)["rounds"] for x in a] == [json.loads(x)["rounds"] for x in b]
 
 
+@pytest.mark.slow
 def test_rollout_records_the_contract(world, tmp_path):
     from videocom_fast.evaluate import rollout_to_dir
 
