@@ -141,14 +141,18 @@ def test_eval_cli_reproduces_an_in_process_evaluation(world, tmp_path, capsys):
 
     model = _model_with_contract(world, tmp_path, max_new_tokens=5, max_rounds=3, temperature=0.9, top_k=50,
                                  top_p=1.0)
-    ref = evaluate(model, world["small"]["grpo"], tmp_path / "ref.json", greedy=False, num_generations=2, seed=1,
+    ref = evaluate(model, world["small"]["grpo"], tmp_path / "eval_ref.json", greedy=False, num_generations=2, seed=1,
                    media=SMALL, max_new_tokens=5, max_rounds=3, tag="ref")
     capsys.readouterr()
-    assert main(["eval", "--model", str(model), "--data", world["small"]["grpo"], "--out", str(tmp_path / "cli.json"),
+    assert main(["eval", "--model", str(model), "--data", world["small"]["grpo"], "--out", str(tmp_path / "eval_cli.json"),
                  "--sample", "--num-generations", "2", "--seed", "1"]) == 0
     got = json.loads(capsys.readouterr().out)
     for k in ("episodes", "reward_mean", "format_mean", "rounds_mean", "generated_tokens_mean", "tokens_mean"):
         assert got[k] == ref[k], k
+    from videocom_fast.report import write_report
+
+    html = write_report(tmp_path).read_text()     # the report shows what the episodes ran under
+    assert "max_new_tokens=5" in html and "main_nframes=4" in html and "media.json" in html
     a = (tmp_path / "trajectories_ref.jsonl").read_text().splitlines()
     b = (tmp_path / "trajectories_eval.jsonl").read_text().splitlines()
     assert [json.loads(x)["rounds"] for x in a] == [json.loads(x)["rounds"] for x in b]
