@@ -39,7 +39,7 @@ venv: $(DEPS)
 build: $(BUILT)
 
 demo: $(BUILT)
-	$(VENV)/bin/videocom-fast demo
+	$(VENV)/bin/videocom-fast demo --overwrite
 
 test: $(BUILT) $(SYSDEPS)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -131,7 +131,7 @@ if __name__ == "__main__":
             "videocom_fast.data", "videocom_fast.kernels", "videocom_fast.training", "videocom_fast.testing",
         ],
         package_dir={"videocom_fast.kernels": "kernels", "videocom_fast.training": "training"},
-        package_data={"videocom_fast": ["py.typed", "_C.pyi", "configs/*.yaml"]},
+        package_data={"videocom_fast": ["py.typed", "_C.pyi", "configs/*.yaml", "configs/*.json"]},
         ext_modules=[CMakeExtension("videocom_fast._C")],
         cmdclass={"build_ext": CMakeBuild},
         entry_points={"console_scripts": ["videocom-fast=videocom_fast.cli:main"]},

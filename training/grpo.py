@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +53,8 @@ class GRPOConfig:
     media_root: str = ""                # base of relative video paths (default: the JSON's directory)
     max_samples: int = 0
     output_dir: str = "runs/grpo"
-    media: dict = field(default_factory=dict)   # MediaConfig fields (frames, pixel limits)
+    media: dict = field(default_factory=dict)   # MediaConfig fields; unset ones: the model's media.json, else
+                                                # the data's, else the method's (videocom_fast.contract)
     seed: int = 0
     max_steps: int = 20
     prompts_per_step: int = 2           # per rank
@@ -64,8 +66,8 @@ class GRPOConfig:
     temperature: float = 0.9
     top_k: int = 50
     top_p: float = 1.0
-    max_rounds: int = 5
-    max_new_tokens: int = 512
+    max_rounds: int | None = None       # None: the model's recorded limits (media.json), else 5
+    max_new_tokens: int | None = None   # None: the model's recorded limits (media.json), else 512
     max_batch_tokens: int = 4096
     loss_type: str = "grpo"             # grpo | dapo | dr_grpo
     beta: float = 0.04
@@ -105,8 +107,11 @@ class GRPOConfig:
 def _check_config(cfg: GRPOConfig):
     if cfg.loss_type not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_type: expected one of {sorted(LOSS_REDUCTIONS)}, got {cfg.loss_type!r}")
-    for name in ("max_steps", "prompts_per_step", "num_generations", "num_iterations", "micro_batch"):
+    for name in ("max_steps", "prompts_per_step", "num_generations", "num_iterations", "micro_batch",
+                 "max_rounds", "max_new_tokens"):
         v = getattr(cfg, name)
+        if v is None and name in ("max_rounds", "max_new_tokens"):   # resolved from the contract later
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
     v = cfg.micro_batch_tokens
@@ -137,8 +142,37 @@ def load_grpo_samples(path: str, media_root: str = "", limit: int = 0) -> list[d
         s = dict(s)
         if not os.path.isabs(s["video"]):
             s["video"] = str(root / s["video"])
+        if "://" not in s["video"] and not os.path.isfile(s["video"]):
+            raise ValueError(f"data: {path!r}: sample {i} (id {s.get('id', '?')!r}): video {s['video']!r} "
+                             f"does not exist")
         out.append(s)
     return out
+
+
+def _is_tiny(model: str) -> bool:
+    return model == "tiny" or model.startswith("tiny:")
+
+
+def resolve_contract(cfg: GRPOConfig, out: Path, write: bool) -> GRPOConfig:
+    """`cfg` with media and generation limits filled from the model's (else the data's) media.json where
+    not set explicitly; checked against a resumed run's record; recorded in `out`."""
+    from videocom_fast.contract import note, read_contract, resolve, write_contract
+
+    model_dir = None if _is_tiny(cfg.model) else cfg.model
+    media, gen, sources = resolve(model_dir, cfg.data, media=cfg.media,
+                                  generation={"max_new_tokens": cfg.max_new_tokens, "max_rounds": cfg.max_rounds})
+    cfg = dataclasses.replace(cfg, media=dataclasses.asdict(media), max_new_tokens=int(gen["max_new_tokens"]),
+                              max_rounds=int(gen["max_rounds"]))
+    if write:
+        note(f"grpo: media from {sources['media']}; generation limits from {sources['generation']}")
+    prev = read_contract(out) if cfg.resume else None
+    if prev is not None and prev["media"] != cfg.media:
+        raise ValueError(f"resume: {prev['path']} records media {prev['media']}, this run has {cfg.media}; "
+                         f"resume with the same media settings")
+    if write:
+        write_contract(out, "grpo", media, generation={k: getattr(cfg, k) for k in (
+            "max_new_tokens", "max_rounds", "temperature", "top_k", "top_p")})
+    return cfg
 
 
 def step_prompts(num_samples: int, step: int, per_rank: int, rank: int, world: int, seed: int) -> list[int]:
@@ -368,6 +402,10 @@ def run_grpo(cfg: GRPOConfig) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     samples = load_grpo_samples(cfg.data, cfg.media_root, cfg.max_samples)
+    if not _is_tiny(cfg.model):
+        from videocom_fast.contract import require_model_dir
+        require_model_dir(cfg.model)
+    cfg = resolve_contract(cfg, out, dist.is_main)
     policy, ref, processor = build_models(cfg, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
@@ -499,7 +537,11 @@ def _visual(model):
 
 def main(argv=None) -> int:
     """`videocom-fast grpo --config FILE [key=value ...] [--resume]`; argv may also be a GRPOConfig."""
-    result = run_grpo(parse_cli("videocom-fast grpo", GRPOConfig, argv))
+    from videocom_fast.cli_io import results_only_on_stdout
+
+    cfg = parse_cli("videocom-fast grpo", GRPOConfig, argv)
+    with results_only_on_stdout():
+        result = run_grpo(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"steps": len(result["steps"]), "reward_mean": result["reward_mean"],
                           "output_dir": result["output_dir"]}, indent=1))

@@ -19,9 +19,11 @@ is JIT-compiled.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from .config import parse_cli, to_dict
 from .distributed import all_reduce_sum, barrier, init_distributed
 from .metrics import MetricsLogger
 from .packing import collate, install_packed_attention, pack_indices, packed_loss_sum
-from .sft_data import MediaBudget, SFTDataset
+from .sft_data import SFTDataset
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -80,18 +82,66 @@ class SFTConfig:
     progress: bool = True
     deepspeed: str = ""                 # path to a DeepSpeed JSON config (ZeRO-2/3)
     num_threads: int = 0
+    max_new_tokens: int = 512           # generation limits recorded with the model (media.json) for the
+    max_rounds: int = 5                 # rollouts/eval that use it; SFT itself does not generate
 
 
 # --- setup -----------------------------------------------------------------------------------------
 
-def _load_json_samples(path: str, limit: int = 0) -> list[dict]:
+def _load_json_samples(path: str, limit: int = 0, media_root: str = "") -> list[dict]:
+    """The samples of an SFT JSON; a missing file, or a missing video/image of a sample, is an error naming
+    the sample and the JSON now (not a decoder error minutes into training)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"data: file {path!r} not found")
-    samples = json.loads(p.read_text())
+        raise ValueError(f"data: file {path!r} not found (relative to {Path.cwd()})")
+    try:
+        samples = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data: {path!r} is not valid JSON ({e})") from None
     if not isinstance(samples, list):
         raise ValueError(f"data: {path!r} must hold a JSON list of samples")
-    return samples[:limit] if limit > 0 else samples
+    samples = samples[:limit] if limit > 0 else samples
+    root = Path(media_root or p.parent)
+    for i, s in enumerate(samples):
+        for field_, rel in _media_paths(s):
+            f = Path(rel) if Path(rel).is_absolute() else root / rel
+            if "://" not in rel and not f.is_file():
+                raise ValueError(f"data: {path!r}: sample {i} (id {s.get('id', '?')!r}): {field_} {str(f)!r} "
+                                 f"does not exist")
+    return samples
+
+
+def _media_paths(s) -> list[tuple[str, str]]:
+    if not isinstance(s, dict):
+        return []
+    out = []
+    for key in ("video", "image"):
+        v = s.get(key)
+        out += [(key, x) for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]
+    for t, turn in enumerate(s.get("conversations") or []):
+        m = turn.get("media") if isinstance(turn, dict) else None
+        if isinstance(m, dict) and isinstance(m.get("image"), str):
+            out.append((f"conversations[{t}].media.image", m["image"]))
+    return out
+
+
+def _media_contract(cfg: SFTConfig, out: Path, write: bool):
+    """The run's MediaConfig (explicit `media`, else the data's contract), checked against the data's zoom
+    coordinates and a resumed run's record, and recorded in `out` (videocom_fast.contract)."""
+    from videocom_fast.contract import read_contract, resolve, check_zoom_coordinates, write_contract
+
+    media, _, _ = resolve(None, cfg.data, media=cfg.media)
+    for data in (cfg.data, cfg.eval_data):
+        if data:
+            check_zoom_coordinates(data, media)
+    prev = read_contract(out) if cfg.resume else None
+    if prev is not None and prev["media"] != dataclasses.asdict(media):
+        raise ValueError(f"resume: {prev['path']} records media {prev['media']}, this run has "
+                         f"{dataclasses.asdict(media)}; resume with the same media settings")
+    if write:
+        write_contract(out, "sft", media,
+                       generation={"max_new_tokens": cfg.max_new_tokens, "max_rounds": cfg.max_rounds})
+    return media
 
 
 def _dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
@@ -111,6 +161,9 @@ def build_model(cfg: SFTConfig, device: torch.device):
     is_tiny = path == "tiny" or path.startswith("tiny:")
     if cfg.model_kwargs and not is_tiny:
         raise ValueError(f"model_kwargs: only for model 'tiny' (sizes of a new model), got model {path!r}")
+    if not is_tiny:
+        from videocom_fast.contract import require_model_dir
+        require_model_dir(path)
     if is_tiny:
         seed = int(path.split(":")[1]) if ":" in path else cfg.seed
         path = Path(cfg.output_dir) / "_base"
@@ -277,8 +330,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    model, processor = build_model(cfg, device)
-    samples = _load_json_samples(cfg.data, cfg.max_samples)
+    # data and its media contract first: a bad file fails before the model loads
+    samples = _load_json_samples(cfg.data, cfg.max_samples, cfg.media_root)
     root = cfg.media_root or str(Path(cfg.data).parent)
     eval_samples = _load_json_samples(cfg.eval_data) if cfg.eval_data else []
     if not eval_samples and cfg.eval_fraction > 0:
@@ -286,9 +339,11 @@ def run_sft(cfg: SFTConfig) -> dict:
         samples, eval_samples = samples[:-k], samples[-k:]
     if not samples:
         raise ValueError(f"data: no training samples in {cfg.data!r}")
+    media = _media_contract(cfg, out, dist.is_main)
+    model, processor = build_model(cfg, device)
     from videocom_fast.media import FrameCache
 
-    budget = MediaBudget(**cfg.media)
+    budget = media
     cache = FrameCache()
     train_ds = SFTDataset(samples, processor.tokenizer, budget, cache=cache, media_root=root,
                           reference_bbox=cfg.reference_bbox)
@@ -409,7 +464,9 @@ def _export(model, processor, out: Path, dist, engine):
 def _deepspeed(model, optimizer, scheduler, cfg: SFTConfig):
     import deepspeed
 
-    ds_cfg = json.loads(Path(cfg.deepspeed).read_text())
+    from .config import find_config
+
+    ds_cfg = json.loads(find_config(cfg.deepspeed).read_text())   # a file, or a packaged one (ds_zero3.json)
     ds_cfg["train_micro_batch_size_per_gpu"] = 1
     ds_cfg["gradient_accumulation_steps"] = cfg.grad_accum
     ds_cfg["gradient_clipping"] = cfg.max_grad_norm
@@ -423,7 +480,7 @@ def _deepspeed(model, optimizer, scheduler, cfg: SFTConfig):
 
 
 def _progress(cfg, dist, total, initial, desc: str = "sft"):
-    if not (cfg.progress and dist.is_main):
+    if not (cfg.progress and dist.is_main and sys.stderr.isatty()):   # no redraws in a redirected log
         return None
     from tqdm.auto import tqdm
 
@@ -434,7 +491,11 @@ def _progress(cfg, dist, total, initial, desc: str = "sft"):
 
 def main(argv=None) -> int:
     """`videocom-fast sft --config FILE [key=value ...] [--resume]`; argv may also be an SFTConfig."""
-    result = run_sft(parse_cli("videocom-fast sft", SFTConfig, argv))
+    from videocom_fast.cli_io import results_only_on_stdout
+
+    cfg = parse_cli("videocom-fast sft", SFTConfig, argv)
+    with results_only_on_stdout():
+        result = run_sft(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}
                          | {"first_loss": result["losses"][0] if result["losses"] else None,

@@ -11,14 +11,15 @@ Configs: configs/sft_tiny.yaml and configs/grpo_tiny.yaml (media budgets shared 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"   # the packaged configs (work from any directory)
 
 
 def _stage(name: str):
-    print(f"\n=== {name} ===", flush=True)
+    print(f"\n=== {name} ===", file=sys.stderr, flush=True)   # progress: stderr; the results: stdout
     return time.perf_counter()
 
 

@@ -3,6 +3,9 @@
 `evaluate(...)` -> accuracy, format rate, reasoning score, precision per manipulation type, rounds and
 tokens used; written as JSON (and the episodes as trajectory records for `videocom-fast report`).
 `rollout_to_dir(...)` runs G sampled rollouts per sample and writes their records and throughput.
+Both run under the model's media contract (videocom_fast.contract: the media settings and generation limits
+its SFT/GRPO run recorded in media.json; explicit arguments override) and record it in their summary, so
+`videocom-fast eval` on a checkpoint runs the episodes it was trained on.
 """
 from __future__ import annotations
 
@@ -53,10 +56,11 @@ def score_episodes(trajs_per_sample, samples, image_pixels=None) -> tuple[list[d
 
 
 def _engine(model_dir, media, *, max_rounds=5, max_new_tokens=512, dtype=None, **kw):
+    from .contract import require_model_dir
     from .models import load
     from .rollout import RolloutEngine
 
-    model, processor = load(model_dir, dtype=dtype)
+    model, processor = load(require_model_dir(model_dir), dtype=dtype)
     return RolloutEngine(model, processor, max_rounds=max_rounds, max_new_tokens=max_new_tokens,
                          media_config=media_config_from(media), **kw)
 
@@ -68,10 +72,11 @@ def _write_records(out_dir: Path, name: str, trajs_per_sample, samples, per) -> 
     return write_records(out_dir / name, (trajectory_record(t, s, per[k]) for k, (t, s) in enumerate(flat)))
 
 
-def run_episodes(engine, samples, *, num_generations=1, greedy=True, seed=0, temperature=0.9):
+def run_episodes(engine, samples, *, num_generations=1, greedy=True, seed=0, temperature=0.9, top_k=50,
+                 top_p=1.0):
     t0 = time.perf_counter()
     trajs = engine.generate(samples, num_generations=num_generations, greedy=greedy, seed=seed,
-                            temperature=temperature)
+                            temperature=temperature, top_k=top_k, top_p=top_p)
     wall = time.perf_counter() - t0
     mc = engine.media_config
     limits = None if mc is None else (mc.image_min_pixels, mc.image_max_pixels)
@@ -84,17 +89,52 @@ def run_episodes(engine, samples, *, num_generations=1, greedy=True, seed=0, tem
     return trajs, per, summary
 
 
-def evaluate(model_dir, data, out, *, greedy=True, num_generations=1, limit=None, seed=0, media=None,
-             max_rounds=5, max_new_tokens=512, engine=None, tag="eval") -> dict:
-    """Greedy (or sampled, `num_generations` per sample) episodes over `data`; writes OUT (JSON) and the
-    trajectories beside it."""
+def _prepare(model_dir, data, limit, media, generation: dict, engine):
+    """Samples, engine and the contract the episodes run under: `media` and `generation` values given
+    explicitly, else the model directory's media.json, else the data's, else the method's defaults."""
+    from dataclasses import asdict
+
+    from .contract import note, require_model_dir, resolve
     from .data import load_samples
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected an int >= 1, got {limit!r}")
     samples = load_samples(data, kind="grpo")[:limit]
-    engine = engine or _engine(model_dir, media, max_rounds=max_rounds, max_new_tokens=max_new_tokens)
+    if engine is None:
+        require_model_dir(model_dir)
+    explicit = dict(asdict(media_config_from(media))) if media is not None else None
+    mc, gen, sources = resolve(model_dir, data, media=explicit, generation=generation)
+    if engine is None:
+        note(f"media from {sources['media']}; generation limits from {sources['generation']}: "
+             f"max_new_tokens={gen['max_new_tokens']}, max_rounds={gen['max_rounds']}")
+        engine = _engine(model_dir, mc, max_rounds=int(gen["max_rounds"]), max_new_tokens=int(gen["max_new_tokens"]))
+    else:   # a caller's engine runs with its own settings: record those
+        mc = engine.media_config or mc
+        gen = {**gen, "max_new_tokens": engine.max_new_tokens, "max_rounds": engine.max_rounds}
+        sources = {"media": "engine", "generation": "engine"}
+    contract = {"media": asdict(mc), "generation": gen, "sources": sources}
+    return samples, engine, contract
+
+
+def _sampling(contract: dict, greedy: bool) -> dict:
+    g = contract["generation"]
+    return {"greedy": greedy, "temperature": g["temperature"], "top_k": g["top_k"], "top_p": g["top_p"]}
+
+
+def evaluate(model_dir, data, out, *, greedy=True, num_generations=1, limit=None, seed=0, media=None,
+             max_rounds=None, max_new_tokens=None, temperature=None, top_k=None, top_p=None, engine=None,
+             tag="eval") -> dict:
+    """Greedy (or sampled, `num_generations` per sample) episodes over `data`; writes OUT (JSON) and the
+    trajectories beside it. Unset media/generation settings come from the model's media.json
+    (videocom_fast.contract); the summary records what was used under "contract"."""
+    samples, engine, contract = _prepare(model_dir, data, limit, media, dict(
+        max_rounds=max_rounds, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p),
+        engine)
     trajs, per, summary = run_episodes(engine, samples, num_generations=1 if greedy else num_generations,
-                                       greedy=greedy, seed=seed)
-    summary = {"model": str(model_dir), "data": str(data), "greedy": greedy, **summary}
+                                       seed=seed, **_sampling(contract, greedy))
+    summary = {"model": str(model_dir), "data": str(data), "greedy": greedy,
+               "num_generations": 1 if greedy else num_generations, "seed": seed, **summary,
+               "contract": contract}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
@@ -103,12 +143,17 @@ def evaluate(model_dir, data, out, *, greedy=True, num_generations=1, limit=None
 
 
 def rollout_to_dir(model_dir, data, out_dir, *, num_generations=8, greedy=False, limit=None, seed=0,
-                   media=None, max_rounds=5, max_new_tokens=512, engine=None) -> dict:
-    from .data import load_samples
-
-    samples = load_samples(data, kind="grpo")[:limit]
-    engine = engine or _engine(model_dir, media, max_rounds=max_rounds, max_new_tokens=max_new_tokens)
-    trajs, per, summary = run_episodes(engine, samples, num_generations=num_generations, greedy=greedy, seed=seed)
+                   media=None, max_rounds=None, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
+                   engine=None) -> dict:
+    """G rollouts per sample (sampled unless `greedy`) under the model's contract; writes OUT_DIR/rollout.json
+    and the trajectories."""
+    samples, engine, contract = _prepare(model_dir, data, limit, media, dict(
+        max_rounds=max_rounds, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p),
+        engine)
+    trajs, per, summary = run_episodes(engine, samples, num_generations=num_generations, seed=seed,
+                                       **_sampling(contract, greedy))
+    summary = {"model": str(model_dir), "data": str(data), "greedy": greedy, "num_generations": num_generations,
+               "seed": seed, **summary, "contract": contract}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_records(out_dir, "trajectories_rollout.jsonl", trajs, samples, per)

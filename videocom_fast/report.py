@@ -209,6 +209,7 @@ def write_report(run_dir, out=None, max_trajectories: int = 64) -> Path:
         e = json.loads(ev.read_text())
         rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
                        for k, v in e.items() if not isinstance(v, (list, dict)))
+        rows += _contract_rows(e.get("contract"))
         body.append(f"<h2>{html.escape(ev.stem)}</h2><table>{rows}</table>")
     n = 0
     for tf in sorted(run.glob("trajectories*.jsonl")):
@@ -224,6 +225,15 @@ def write_report(run_dir, out=None, max_trajectories: int = 64) -> Path:
     tmp.write_text(doc)
     tmp.replace(out)
     return out
+
+
+def _contract_rows(contract) -> str:
+    """The media settings and generation limits the episodes ran under (videocom_fast.contract)."""
+    if not isinstance(contract, dict):
+        return ""
+    rows = [(k, ", ".join(f"{a}={b}" for a, b in (contract.get(k) or {}).items())) for k in ("media", "generation")]
+    rows.append(("from", "; ".join(f"{a}: {b}" for a, b in (contract.get("sources") or {}).items())))
+    return "".join(f'<tr class="contract"><th>{k}</th><td>{html.escape(v)}</td></tr>' for k, v in rows if v)
 
 
 def _fmt(v) -> str:

@@ -14,6 +14,9 @@ Files written under out_dir (paths inside the JSON are relative to the JSON file
     frames/sample_0000_f0123.png  the gold frame as decoded from the video (for image-path loaders)
     sft.json  grpo.json         the training split (same samples, two formats)
     eval.json                   held-out samples (the last `num_eval`, default max(1, n // 8)), GRPO format
+    media.json                  the media contract (videocom_fast.contract): the media settings and the
+                                frame size the SFT zoom boxes were written for; SFT checks it
+Videos or frames of an earlier synthesis into the same directory are removed.
 
 SFT sample (the reference's sft_dataset.py format, spec section 5):
     {"id": "sample_0000", "video": "videos/sample_0000.mp4", "conversations": [
@@ -340,7 +343,21 @@ def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h
         paths[name] = str(out / f"{name}.json")
         with open(paths[name], "w") as f:
             json.dump(data, f, indent=1)
+    from ..contract import write_contract
+
+    # the media contract: the SFT zoom boxes above are in the coordinates of (height, width) resized by cfg
+    paths["contract"] = str(write_contract(out, "synth", cfg, frame_hw=(height, width)))
+    _remove_stale(out, {r["video"] for r in records} | {r["frame_image"] for r in records})
     return paths
+
+
+def _remove_stale(out: Path, written: set) -> None:
+    """Delete videos/frames an earlier synthesis left in `out` (another seed, count or codec) so that the
+    directory holds exactly this dataset."""
+    for sub in ("videos", "frames"):
+        for f in (out / sub).iterdir():
+            if f.is_file() and f"{sub}/{f.name}" not in written:
+                f.unlink()
 
 
 __all__ = ["synthesize", "INSTRUCTIONS", "CHARS", "COLOURS"]
