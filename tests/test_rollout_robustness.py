@@ -185,3 +185,48 @@ def test_failed_observation_ends_only_that_episode(model32, rollout_samples, mon
         assert all(t.finish_reason in REASONS and t.num_rounds >= 3 for t in got[i])
     assert eng.stats["failed_episodes"] == 2
     assert eng.stats["scheduler"]["num_free_blocks"] == eng.pool.num_blocks
+
+
+def _episodes(reasons_per_group, text="FIND_SEGMENT(x) = [1]\nFINAL_ANSWER: A. x"):
+    from videocom_fast.rollout import Trajectory
+    out = []
+    for i, reasons in enumerate(reasons_per_group):
+        for r, reason in enumerate(reasons):
+            t = Trajectory(sample_index=i, rollout_index=r, finish_reason=reason)
+            if not reason.startswith("error"):
+                t.round_texts, t.generated_mask = [text], [True] * 5
+            out.append(t)
+    return out
+
+
+def test_grpo_skips_groups_with_failed_episodes_and_says_so(capsys):
+    from types import SimpleNamespace
+
+    from videocom_fast.training.grpo import drop_failed_groups
+
+    one = SimpleNamespace(world_size=1)
+    trajs = _episodes([["answer", "answer"], ["error: VideoError: b.mp4: truncated"] * 2,
+                       ["answer", "error: RuntimeError: x"]])
+    keep, skipped = drop_failed_groups(trajs, 2, 4, one)
+    assert keep == trajs[:2] and skipped == 4
+    err = capsys.readouterr().err
+    assert "grpo step 5: 3 episode(s) failed" in err and "b.mp4" in err and "2 prompt group(s)" in err
+    assert drop_failed_groups(trajs[:2], 2, 0, one) == (trajs[:2], 0) and capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="nothing left to train on"):
+        drop_failed_groups(trajs[2:4], 2, 0, one)
+    with pytest.raises(RuntimeError, match="data parallelism"):
+        drop_failed_groups(trajs, 2, 0, SimpleNamespace(world_size=2))
+
+
+def test_eval_leaves_failed_episodes_out_of_the_means_and_counts_them(capsys):
+    from videocom_fast.evaluate import score_episodes
+
+    s = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "A. x"}],
+         "valid_segments": [1]}
+    trajs = _episodes([["answer", "answer"], ["error: VideoError: b.mp4: truncated"] * 2])
+    per, summary = score_episodes([trajs[:2], trajs[2:]], [s, s])
+    assert summary["episodes"] == 2 and summary["reward_mean"] == 2.0 and summary["accuracy_mean"] == 1.0
+    assert summary["failed_episodes"] == 2
+    assert summary["failed_reasons"] == {"error: VideoError: b.mp4: truncated": 2}
+    assert per[2:] == [None, None] and per[0]["total"] == 2.0
+    assert "evaluate: 2 of 4 episodes failed and are left out" in capsys.readouterr().err
