@@ -49,12 +49,13 @@ Two scoring modes, `reward_compat="fixed"` (default) and `"reference"`:
     number over 4,300 digits (Python's int() limit) made it drop every frame, box or segment of the
     completion (its `except Exception`); a box too large for a float got IoU 0 there. Reference mode
     keeps all of these and never raises on completion text.
-Malformed inputs raise ValueError naming the argument, the sample index and the field (e.g.
-`samples[3]['valid_frames'][0]`); `completions` must be a list (a bare str would be scored per
-character).
 - "reference" transcribes the reference's reward_funcs.py / reward_utils.py logic (defects included; a
   list of rounds is joined with ""), so published numbers can be compared. Its total equals the
   reference's `reasoning_reward` (accuracy + reasoning score), the only reward its GRPO script used.
+
+Malformed inputs raise ValueError naming the argument, the sample index and the field (e.g.
+`samples[3]['valid_frames'][0]`); `completions` must be a list (a bare str would be scored per
+character).
 """
 from __future__ import annotations
 
