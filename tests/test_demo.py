@@ -21,4 +21,4 @@ def test_demo_fast_end_to_end(tmp_path):
     assert len(re.findall(r'class="traj"', html)) >= 16
     texts = [r["rounds"][0]["text"] for r in records if r["rounds"]]
     assert texts and any(t and t[:20] in html for t in texts)
-    assert len(re.findall(r'class="curve"', html)) == 2  # SFT loss and GRPO reward curves
+    assert len(re.findall(r'class="curve"', html)) == 3  # SFT loss, GRPO reward and GRPO KL curves

@@ -16,7 +16,7 @@ from helpers_media import make_frames, read_index, write_video
 from videocom_fast import protocol
 from videocom_fast.env import (MAX_VALUES, TEXT_FRAME, TEXT_NONE, TEXT_SEGMENT, TEXT_ZOOM, ManipulationEnv,
                                MediaConfig, resized_box_to_original)
-from videocom_fast.media import FrameCache
+from videocom_fast.media import FrameCache, VideoError
 
 N, FPS, H, W = 360, 8, 96, 160
 RESIZED = (84, 168)   # smart_resize(96, 160, 4*28*28, 128*28*28): round to multiples of 28
@@ -205,6 +205,35 @@ def test_zoom_needs_a_valid_frame(env):
     assert env.step("SPATIAL_ZOOM(x) = [1, 1, 20, 20]").reason == "ok"
     env.step("FIND_FRAME(x) = [0]")   # an invalid frame clears the selection
     assert env.step("SPATIAL_ZOOM(x) = [1, 1, 20, 20]").reason == "zoom_before_frame"
+
+
+class _FailingSource:
+    """The real source, except that decoding frame `bad` (0-based) raises VideoError (a corrupt GOP)."""
+
+    def __init__(self, src, bad: int):
+        self._src, self._bad = src, bad
+
+    def __getattr__(self, name):
+        return getattr(self._src, name)
+
+    def get_frames(self, indices):
+        if self._bad in indices:
+            raise VideoError(f"{self._src.path}: decoding frames failed (injected at frame {self._bad})")
+        return self._src.get_frames(indices)
+
+
+def test_failed_frame_decode_clears_the_selection(video):
+    """A FIND_FRAME whose decode fails must not leave the previous frame selected: the zoom after it is
+    refused, never a crop of the stale frame reported "ok"."""
+    from videocom_fast.media import open_video
+    env = ManipulationEnv(sample_for(video), cache=FrameCache(), source=_FailingSource(open_video(video), 99))
+    assert env.step("FIND_FRAME(x) = [3]").reason == "ok"
+    obs = env.step("FIND_FRAME(x) = [100]")
+    assert (obs.text, obs.media, obs.reason) == (TEXT_FRAME, [], "error:VideoError")
+    obs = env.step("SPATIAL_ZOOM(x) = [1, 1, 20, 20]")
+    assert (obs.media, obs.reason) == ([], "zoom_before_frame")
+    (item,) = env.step("FIND_FRAME(x) = [5]").media   # a later good frame selects again
+    assert env.step("SPATIAL_ZOOM(x) = [1, 1, 20, 20]").media[0].indices == (4,)
 
 
 def test_answer_no_action_unparsable(env):

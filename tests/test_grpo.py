@@ -224,7 +224,7 @@ def test_resume_continues_exactly(world, tmp_path, reward_module):
     assert all(torch.equal(final[k], again[k]) for k in final)
     assert any(not torch.equal(final[k], init[k]) for k in final)
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 3]          # appended after the resume
+    assert [r["step"] for r in rows] == [1, 2, 3]             # the killed run's step-3 row rewound, logged once
 
 
 def test_lora_reference_is_the_base_model_with_the_adapter_off(world, tmp_path):

@@ -250,3 +250,83 @@ def test_gold_chain_scores_full_reasoning_with_the_limits_it_was_shown(synth_sma
     assert all(r < 1.0 for r in reasoning_reward(list(texts), list(samples)))
     total, parts = combined_reward(list(texts), list(samples), image_pixels=limits)
     assert parts["reasoning"] == [1.0] * len(pairs) and parts["accuracy"] == [1.0] * len(pairs)
+
+
+# --- malformed input: errors name the argument, the sample and the field --------------------------------
+
+@pytest.mark.parametrize("field,value,match", [
+    ("valid_segments", 5, r"samples\[1\]\['valid_segments'\]"),
+    ("valid_segments", ["3"], r"samples\[1\]\['valid_segments'\]\[0\]"),
+    ("valid_frames", [40, 44], r"samples\[1\]\['valid_frames'\]\[0\]"),
+    ("valid_frames", [[40]], r"samples\[1\]\['valid_frames'\]\[0\]"),
+    ("valid_bounding_box", [[42, [1, 2, 3]]], r"samples\[1\]\['valid_bounding_box'\]\[0\]"),
+    ("valid_bounding_box", [[42, [1, 2, float("inf"), 9]]], r"samples\[1\]\['valid_bounding_box'\]\[0\]"),
+    ("valid_bounding_box", [[42, [1, 2, 10**400, 9]]], r"samples\[1\]\['valid_bounding_box'\]\[0\]"),
+    ("valid_bounding_box", {"42": [1, 2, 3, 4]}, r"samples\[1\]\['valid_bounding_box'\]"),
+    ("frame_hw", [0, 320], r"samples\[1\]\['frame_hw'\]"),
+    ("frame_hw", [float("nan"), 320], r"samples\[1\]\['frame_hw'\]"),
+    ("conversations", "B. red", r"samples\[1\]\['conversations'\]"),
+    ("conversations", [None], r"samples\[1\]\['conversations'\]"),
+])
+@pytest.mark.parametrize("mode", ["fixed", "reference"])
+def test_malformed_sample_names_sample_and_field(field, value, match, mode):
+    bad = sample()
+    bad[field] = value
+    with pytest.raises(ValueError, match=match):
+        combined_reward([good_episode(), good_episode()], [sample(), bad], reward_compat=mode)
+
+
+@pytest.mark.parametrize("samples", [None, [None], ["B. red"], sample()])
+def test_samples_must_be_a_list_of_dicts(samples):
+    with pytest.raises(ValueError, match="samples"):
+        combined_reward(["FINAL_ANSWER: B. red"], samples)
+
+
+@pytest.mark.parametrize("fn", [format_reward, accuracy_reward, reasoning_reward, combined_reward])
+def test_a_bare_string_is_not_a_batch(fn):
+    """A str is a sequence: without the check each CHARACTER was scored as one completion (format_reward
+    returned 20 zeros for one well-formed answer)."""
+    with pytest.raises(ValueError, match=r"completions must be a list .* got a str; wrap"):
+        fn("FINAL_ANSWER: B. red", [sample()])
+    assert format_reward(["FINAL_ANSWER: B. red"]) == [1.0]
+
+
+# --- every way "fixed" differs from the reference (the module docstring's list, one case each) ------------
+# Reference values were checked against the reference's own reward_funcs.py / reward_utils.py
+# (mbzuai-oryx/Video-CoM) on these very strings; here they are read through reward_compat="reference".
+
+_DS = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "D. red"}],
+       "valid_segments": [1, 2], "valid_frames": [[40, 44], [60, 61]],
+       "valid_bounding_box": [[42, [100, 50, 140, 90]]], "frame_hw": (H, W)}
+_GB = ", ".join(map(str, scaled((100, 50, 140, 90))))
+DIFFERENCES = [   # (name, text, part, reference value, fixed value)
+    ("lowercase tool heads", "find_frame(y) = 42", "reasoning", 0.0, 1.0),
+    ("lowercase answer head", "final_answer: D. red", "accuracy", 0.0, 1.0),
+    ("blank before the answer colon", "FINAL_ANSWER : D. red", "accuracy", 0.0, 1.0),
+    ("answer letter without a dot", "FINAL_ANSWER: D", "accuracy", 1.0, 0.0),
+    ("lower-case answer letter", "FINAL_ANSWER: d. red", "accuracy", 1.0, 0.0),
+    ("answer in prose", "FINAL_ANSWER: Definitely red", "accuracy", 1.0, 0.0),
+    ("FIND_FRAME with a list", "FIND_FRAME(y) = [42, 7]", "reasoning", 0.5, 0.0),
+    ("several calls on one line", "FIND_SEGMENT(a) = [1] FIND_SEGMENT(b) = [5]", "reasoning", 1.0, 0.5),
+    ("zoom before a FIND_FRAME on its line", f"FIND_FRAME(y) = 7\nSPATIAL_ZOOM(z) = [{_GB}] FIND_FRAME(y) = 42",
+     "reasoning", 2 / 3, 1 / 3),
+    ("paren zoom form", "FIND_FRAME(y) = 42\nSPATIAL_ZOOM(z) = (1, 1, 5, 5)", "reasoning", 0.5, 1.0),
+    ("bare zoom form", "FIND_FRAME(y) = 42\nSPATIAL_ZOOM(z) = 1, 1, 5, 5", "reasoning", 0.5, 1.0),
+    ("zoom flat list of 8", "FIND_FRAME(y) = 42\nSPATIAL_ZOOM(z) = [1, 1, 5, 5, 2, 2, 6, 6]", "reasoning",
+     1 / 3, 1.0),
+    ("second bracket box", f"FIND_FRAME(y) = 42\nSPATIAL_ZOOM(z) = [{_GB}], [1, 1, 5, 5]", "reasoning",
+     1.0, 2 / 3),
+    ("number over int32", "FIND_FRAME(y) = 42\nFIND_FRAME(y) = 99999999999", "reasoning", 0.5, 1.0),
+    ("number over 4,300 digits", f"FIND_FRAME(y) = [{'9' * 5000}]\nFIND_FRAME(y) = 42", "reasoning", 0.0, 1.0),
+    ("box too large for a float", f"FIND_FRAME(y) = 42\nSPATIAL_ZOOM(z) = [1, 1, {'9' * 200}, {'9' * 200}]",
+     "reasoning", 0.5, 1.0),
+]
+
+
+@pytest.mark.parametrize("name,text,part,ref,fixed", DIFFERENCES, ids=[d[0] for d in DIFFERENCES])
+def test_documented_differences_from_the_reference(name, text, part, ref, fixed):
+    """Each listed difference exists (reference mode returns a score, never raises) and is documented."""
+    _, parts_ref = combined_reward([text], [_DS], reward_compat="reference")
+    _, parts_fixed = combined_reward([text], [_DS])
+    assert (parts_ref[part][0], parts_fixed[part][0]) == (pytest.approx(ref), pytest.approx(fixed))
+    assert name.lower() in " ".join(rewards.__doc__.lower().split())

@@ -116,3 +116,104 @@ def test_memory_bounded_over_1000_rollouts(model32, rollout_samples):
     assert done >= 1000
     # after warm-up (first 2 calls) resident memory stays flat: allow 40 MB of allocator noise
     assert max(rss[2:]) - rss[2] < 40, rss
+
+
+
+# --- one sample's bad media fails only its own episodes ------------------------------------------------
+
+def test_one_unreadable_video_fails_only_its_own_episodes(model32, rollout_samples, tmp_path):
+    """A truncated and a missing video in the batch: their G episodes end with "error: ..." naming the file,
+    and every other sample's episodes are exactly those of a batch without the bad videos."""
+    from videocom_fast.rollout.engine import failed
+
+    model, proc = model32
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(open(rollout_samples[1]["video"], "rb").read()[:3000])
+    good = rollout_samples[:4]
+    bad = [good[0], dict(good[1], video=str(cut)), good[2], dict(good[3], video=str(tmp_path / "missing.mp4"))]
+    kw = dict(env_factory=env_factory(), max_rounds=2, max_new_tokens=6)
+    ref = RolloutEngine(model, proc, **kw).generate(good, num_generations=2, greedy=True)
+    eng = RolloutEngine(model, proc, **kw)
+    got = eng.generate(bad, num_generations=2, greedy=True)
+    for i, name in ((1, "cut.mp4"), (3, "missing.mp4")):
+        assert all(failed(t) and name in t.finish_reason and t.token_ids == [] for t in got[i]), \
+            [t.finish_reason for t in got[i]]
+    for i in (0, 2):
+        assert all(t.finish_reason in REASONS for t in got[i])
+        assert [t.token_ids for t in got[i]] == [t.token_ids for t in ref[i]]
+    assert eng.stats["failed_episodes"] == 4
+    assert eng.stats["scheduler"]["num_free_blocks"] == eng.stats["kv_pool_blocks"]
+
+
+def test_failed_observation_ends_only_that_episode(model32, rollout_samples, monkeypatch):
+    """Preprocessing of one sample's FIND_FRAME image raises on the worker: that sample's episodes end
+    after the round that asked for it (reason names the error), the others go on to later rounds."""
+    from helpers_rollout import forced_scripts
+    from videocom_fast.rollout import engine as engine_mod
+
+    model, proc = model32
+    samples = rollout_samples[:3]
+    real = engine_mod.preprocess_items
+
+    def flaky(items, *a, **k):
+        if any(it.kind == "image" and samples[1]["video"] in str(it.key) for it in items):
+            raise RuntimeError("injected preprocessing failure")
+        return real(items, *a, **k)
+
+    monkeypatch.setattr(engine_mod, "preprocess_items", flaky)
+    eng = RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=4, max_new_tokens=40,
+                        forced_rounds=forced_scripts(samples, proc.tokenizer))
+    got = eng.generate(samples, num_generations=2, greedy=True)
+    for t in got[1]:
+        assert t.finish_reason == "error: RuntimeError: injected preprocessing failure"
+        assert t.num_rounds == 2 and len(t.actions) == len(t.observations) == 2 and t.actions[1] is None
+        assert len(t.token_ids) == len(t.generated_mask) == t.position_ids.shape[1]
+    for i in (0, 2):
+        assert all(t.finish_reason in REASONS and t.num_rounds >= 3 for t in got[i])
+    assert eng.stats["failed_episodes"] == 2
+    assert eng.stats["scheduler"]["num_free_blocks"] == eng.stats["kv_pool_blocks"]
+
+
+def _episodes(reasons_per_group, text="FIND_SEGMENT(x) = [1]\nFINAL_ANSWER: A. x"):
+    from videocom_fast.rollout import Trajectory
+    out = []
+    for i, reasons in enumerate(reasons_per_group):
+        for r, reason in enumerate(reasons):
+            t = Trajectory(sample_index=i, rollout_index=r, finish_reason=reason)
+            if not reason.startswith("error"):
+                t.round_texts, t.generated_mask = [text], [True] * 5
+            out.append(t)
+    return out
+
+
+def test_grpo_skips_groups_with_failed_episodes_and_says_so(capsys):
+    from types import SimpleNamespace
+
+    from videocom_fast.training.grpo import drop_failed_groups
+
+    one = SimpleNamespace(world_size=1)
+    trajs = _episodes([["answer", "answer"], ["error: VideoError: b.mp4: truncated"] * 2,
+                       ["answer", "error: RuntimeError: x"]])
+    keep, skipped = drop_failed_groups(trajs, 2, 4, one)
+    assert keep == trajs[:2] and skipped == 4
+    err = capsys.readouterr().err
+    assert "grpo step 5: 3 episode(s) failed" in err and "b.mp4" in err and "2 prompt group(s)" in err
+    assert drop_failed_groups(trajs[:2], 2, 0, one) == (trajs[:2], 0) and capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="nothing left to train on"):
+        drop_failed_groups(trajs[2:4], 2, 0, one)
+    with pytest.raises(RuntimeError, match="data parallelism"):
+        drop_failed_groups(trajs, 2, 0, SimpleNamespace(world_size=2))
+
+
+def test_eval_leaves_failed_episodes_out_of_the_means_and_counts_them(capsys):
+    from videocom_fast.evaluate import score_episodes
+
+    s = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "A. x"}],
+         "valid_segments": [1]}
+    trajs = _episodes([["answer", "answer"], ["error: VideoError: b.mp4: truncated"] * 2])
+    per, summary = score_episodes([trajs[:2], trajs[2:]], [s, s])
+    assert summary["episodes"] == 2 and summary["reward_mean"] == 2.0 and summary["accuracy_mean"] == 1.0
+    assert summary["failed_episodes"] == 2
+    assert summary["failed_reasons"] == {"error: VideoError: b.mp4: truncated": 2}
+    assert per[2:] == [None, None] and per[0]["total"] == 2.0
+    assert "evaluate: 2 of 4 episodes failed and are left out" in capsys.readouterr().err

@@ -125,8 +125,12 @@ def latest_checkpoint(out_dir, *, clean_tmp: bool = True) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path, *, model=None, optimizer=None, scheduler=None, engine=None, restore_rng: bool = True) -> dict:
-    """Restore what `save_checkpoint` wrote; returns the saved trainer state dict."""
+def load_checkpoint(path, *, model=None, optimizer=None, scheduler=None, engine=None, restore_rng: bool = True,
+                    rewind_metrics: bool = True) -> dict:
+    """Restore what `save_checkpoint` wrote; returns the saved trainer state dict.
+
+    `rewind_metrics`: the run resumes here, so the metrics.jsonl beside the checkpoint loses the rows of
+    the steps after it (the killed run's, about to be redone; rank 0 only), else they appear twice."""
     p = Path(path)
     if not (p / "COMPLETE").is_file():
         raise ValueError(f"checkpoint {str(p)!r} is incomplete (no COMPLETE marker)")
@@ -140,4 +144,8 @@ def load_checkpoint(path, *, model=None, optimizer=None, scheduler=None, engine=
             scheduler.load_state_dict(torch.load(p / "scheduler.pt", weights_only=False))
     if restore_rng:
         set_rng_state(torch.load(p / "rng.pt", weights_only=False))
-    return json.loads((p / "state.json").read_text())
+    state = json.loads((p / "state.json").read_text())
+    if rewind_metrics and int(os.environ.get("RANK", "0")) == 0:
+        from .metrics import rewind_metrics as rewind
+        rewind(p.parent, int(state["step"]))
+    return state

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -283,6 +284,34 @@ def _reward_fn(spec: str):
         raise ValueError(f"reward_fn: cannot import {spec!r} ({e})") from None
 
 
+def drop_failed_groups(trajs, group_size: int, step: int, dist) -> tuple[list, int]:
+    """(episodes of the groups without a failed episode, number of episodes dropped), said on stderr.
+
+    An episode the engine ended with "error: ..." (its sample's video unreadable, say) has no tokens to
+    train on and no reward to compare; its whole group goes, since advantages need full groups. A step
+    left with nothing, or any drop under data parallelism (ranks would run different numbers of
+    micro-batches), stops with the reasons instead."""
+    from videocom_fast.rollout.engine import failed
+
+    keep, reasons = [], Counter()
+    for k in range(0, len(trajs), group_size):
+        g = trajs[k:k + group_size]
+        bad = [t.finish_reason for t in g if failed(t)]
+        reasons.update(bad)
+        if not bad:
+            keep += g
+    skipped = len(trajs) - len(keep)
+    if skipped:
+        why = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
+        msg = (f"grpo step {step + 1}: {sum(reasons.values())} episode(s) failed ({why}); skipping their "
+               f"{skipped // group_size} prompt group(s), {skipped} episodes")
+        if not keep or dist.world_size > 1:
+            raise RuntimeError(msg + (": nothing left to train on" if not keep else
+                                      ": cannot skip under data parallelism, fix or drop those samples"))
+        print(msg, file=sys.stderr)
+    return keep, skipped
+
+
 def episode_stats(trajs) -> dict:
     acts = Counter((a.kind if a is not None else "none") for t in trajs for a in t.actions)
     fins = Counter(t.finish_reason for t in trajs)
@@ -467,7 +496,7 @@ def train_step(step, policy, ref, rollout, optimizer, scheduler, engine, samples
                                   top_k=cfg.top_k, top_p=cfg.top_p,
                                   seed=(cfg.seed * 1000003 + step) * 4099 + dist.rank)
     t_roll = time.perf_counter() - t0
-    trajs = [t for g in groups for t in g]
+    trajs, skipped = drop_failed_groups([t for g in groups for t in g], cfg.num_generations, step, dist)
     rewards_N, parts = score_episodes(trajs, batch, cfg)
     adv_N = group_advantages(rewards_N, cfg.num_generations, scale=cfg.scale_rewards)
     t1 = time.perf_counter()
@@ -480,7 +509,8 @@ def train_step(step, policy, ref, rollout, optimizer, scheduler, engine, samples
            "advantage/abs_max": float(adv_N.abs().max()),
            "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
            "trained_tokens_per_s": gen_tokens * cfg.num_iterations / max(t_train, 1e-9),
-           "rollout_s": t_roll, "train_s": t_train, "episodes": len(trajs) * dist.world_size}
+           "rollout_s": t_roll, "train_s": t_train, "episodes": len(trajs) * dist.world_size,
+           "episodes/skipped": skipped}
     for k, v in parts.items():
         rec[f"reward/{k}/mean"] = _global_mean(v)
         rec[f"reward/{k}/std"] = float(v.std()) if len(v) > 1 else 0.0

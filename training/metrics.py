@@ -4,10 +4,16 @@
     log.log(step, {"loss": 1.2, "lr": 1e-5})
     log.close()
 Only rank 0 writes (pass enabled=False elsewhere). The JSONL is the format the report and tests read.
+
+Resume: a killed run logged steps after its last checkpoint, and the resumed run logs them again.
+`load_checkpoint` therefore calls `rewind_metrics(out_dir, step)`, which drops the JSONL rows of steps
+after the checkpoint (atomically), so each step appears once. TensorBoard event files keep the killed
+run's extra points (TensorBoard shows the later write of a step).
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,3 +62,29 @@ def _plain(v):
 
 def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def rewind_metrics(out_dir, step: int, filename: str = "metrics.jsonl") -> int:
+    """Drop the rows of `out_dir/filename` logged for steps after `step`; returns how many were dropped.
+
+    Atomic (written beside it, then renamed), so a crash here leaves the old file. A torn last line (the
+    run killed mid-write) is dropped too."""
+    path = Path(out_dir) / filename
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += bool(line.strip())
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return dropped

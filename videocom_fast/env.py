@@ -18,8 +18,9 @@ Deliberate departures from the reference (spec section 7):
 - defect 6: SPATIAL_ZOOM boxes are in the coordinates of the resized frame the model saw; they are mapped
   back to original pixels before cropping (the reference cropped the full-resolution frame unscaled).
 - defect 7: a rewatch always includes the sample's `segment_frame_list` frames of the chosen segments.
-- FIND_FRAME uses the one grammar module (defect 5); an invalid FIND_FRAME clears the selected frame, so a
-  following zoom is refused ("zoom_before_frame") instead of cropping a stale frame.
+- FIND_FRAME uses the one grammar module (defect 5); an invalid FIND_FRAME, or one whose frame fails to
+  decode ("error:VideoError"), clears the selected frame, so a following zoom is refused
+  ("zoom_before_frame") instead of cropping a stale frame.
 """
 from __future__ import annotations
 
@@ -234,8 +235,10 @@ class ManipulationEnv:
 
     def _find_frame(self, a) -> Observation:
         number = a.values[0]
+        # NOTE: the selection is cleared before anything can fail: a refused or undecodable frame must not
+        # leave the previous one selected, or the next zoom would crop a stale frame and report "ok"
+        self._frame = self._frame_hw = None
         if not 1 <= number <= self.source.num_frames:   # 1-based frame numbers (spec section 1)
-            self._frame = self._frame_hw = None
             return self._refuse(a, "frame_out_of_range")
         item = self._image_item(number - 1, None)
         self._frame, self._frame_hw = number - 1, item.resized_hw

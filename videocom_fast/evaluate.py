@@ -10,6 +10,7 @@ its SFT/GRPO run recorded in media.json; explicit arguments override) and record
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,9 +28,19 @@ def media_config_from(cfg):
 
 
 def score_episodes(trajs_per_sample, samples, image_pixels=None) -> tuple[list[dict], dict]:
-    """Per-episode rewards and the summary over all episodes (`image_pixels`: the (min, max) limits the
-    FIND_FRAME images were shown with, for the gold boxes)."""
-    flat = [(t, samples[i]) for i, ts in enumerate(trajs_per_sample) for t in ts]
+    """Per-episode rewards and the summary (`image_pixels`: the (min, max) limits the FIND_FRAME images were
+    shown with, for the gold boxes). Episodes the engine ended with "error: ..." (their sample's video
+    unreadable, say) are not the model's: they are left out of every mean, counted in "failed_episodes"
+    and said on stderr; their per-episode record is None."""
+    from .rollout.engine import failed
+
+    every = [(t, samples[i]) for i, ts in enumerate(trajs_per_sample) for t in ts]
+    flat = [(t, s) for t, s in every if not failed(t)]
+    fails = Counter(t.finish_reason for t, _ in every if failed(t))
+    if fails:
+        why = "; ".join(f"{n} x {r}" for r, n in fails.most_common(3))
+        print(f"evaluate: {sum(fails.values())} of {len(every)} episodes failed and are left out ({why})",
+              file=sys.stderr)
     texts = [t.completion_text for t, _ in flat]
     total, parts = combined_reward(texts, [s for _, s in flat], image_pixels=image_pixels)
     per, counts, actions, finishes = [], Counter(), Counter(), Counter()
@@ -51,8 +62,10 @@ def score_episodes(trajs_per_sample, samples, image_pixels=None) -> tuple[list[d
         "generated_tokens_mean": sum(t.num_generated for t, _ in flat) / n,
         "tokens_mean": sum(len(t.token_ids) for t, _ in flat) / n,
         "actions": dict(actions), "finish_reasons": dict(finishes),
+        "failed_episodes": sum(fails.values()), "failed_reasons": dict(fails),
     }
-    return per, summary
+    it = iter(per)   # one record per episode, in order; None for the failed ones
+    return [None if failed(t) else next(it) for t, _ in every], summary
 
 
 def _engine(model_dir, media, *, max_rounds=5, max_new_tokens=512, dtype=None, **kw):

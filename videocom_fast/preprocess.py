@@ -559,10 +559,35 @@ def _fused_preprocess(proc, original, kind: str):
     return fused
 
 
+_FUSED_CLASSES: dict = {}   # (processor class, kind) -> its fused subclass, made once
+
+
+def _fused_class(cls, kind: str):
+    """A subclass of `cls` whose `_preprocess` runs the fused kernels (falling back to `cls._preprocess`).
+
+    NOTE: state lives on the class, never in the instance's __dict__: transformers serializes __dict__
+    (`to_json_string`, `save_pretrained`), and a function there made both fail. The subclass keeps the
+    original's name, qualname and module, so the saved `image_processor_type` / `video_processor_type` and
+    `from_pretrained` see the original class."""
+    key = (cls, kind)
+    if key not in _FUSED_CLASSES:
+        original = cls._preprocess
+
+        def _preprocess(self, *args, **kw):
+            return _fused_preprocess(self, lambda *a, **k: original(self, *a, **k), kind)(*args, **kw)
+
+        _FUSED_CLASSES[key] = type(cls.__name__, (cls,), {
+            "_preprocess": _preprocess, "_videocom_fused": True, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return _FUSED_CLASSES[key]
+
+
 def patch_processor(processor):
     """Route an existing Qwen2-VL / Qwen2.5-VL processor's image and video preprocessing through the fused
     kernels, with identical outputs (idempotent; calls outside the default pipeline fall back unchanged).
-    Accepts the multimodal processor or a bare image / video processor; returns it."""
+    Accepts the multimodal processor or a bare image / video processor; returns it. Each patched instance
+    becomes an instance of a generated subclass (`_fused_class`): it still saves, serializes and reloads
+    as the original class."""
     targets = []
     for attr, kind in (("image_processor", "image"), ("video_processor", "video")):
         sub = getattr(processor, attr, None)
@@ -575,10 +600,8 @@ def patch_processor(processor):
         raise ValueError(f"processor: expected a Qwen2-VL processor, image processor or video processor, "
                          f"got {type(processor).__name__}")
     for sub, kind in targets:
-        if getattr(sub, "_videocom_fused", False):
-            continue
-        sub._preprocess = _fused_preprocess(sub, sub._preprocess, kind)
-        sub._videocom_fused = True
+        if not getattr(type(sub), "_videocom_fused", False):
+            sub.__class__ = _fused_class(type(sub), kind)
     return processor
 
 

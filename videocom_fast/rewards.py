@@ -28,13 +28,39 @@ Two scoring modes, `reward_compat="fixed"` (default) and `"reference"`:
      boxes on frames without a gold box;
   6. the predicted letter is that of the last FINAL_ANSWER; letters beyond E count (the reference's
      normalize_mcq only knew A-E).
+  Every other difference follows from the grammar (each one checked against the reference's code on the
+  strings of tests/test_rewards.py DIFFERENCES):
+  - lowercase tool heads (`find_frame(...) = 42`) and a lowercase answer head (`final_answer: D. red`)
+    count; the reference tested for the upper-case name with `in` before its case-insensitive regex,
+    so it ignored them. A blank before the answer colon (`FINAL_ANSWER : D. red`) counts too.
+  - the answer needs a capital letter and a dot: an answer letter without a dot (`FINAL_ANSWER: D`), a
+    lower-case answer letter (`d. red`) or an answer in prose (`FINAL_ANSWER: Definitely red`, read by
+    the reference as "D") score no accuracy; the reference took the first A-E letter, any case.
+  - FIND_FRAME with a list of several numbers (`= [42, 7]`) is invalid and counts nothing; the reference
+    scored every number as a frame (and zoomed on the last).
+  - several calls on one line all count, in text order; the reference's `re.search` found the first
+    call of each tool per line, and on a line holding both it applied the FIND_FRAME before any zoom
+    (a zoom before a FIND_FRAME on its line went to the later frame).
+  - only bracket boxes `[x1, y1, x2, y2]` are zooms, one or more per line: the paren zoom form
+    `= (x1, y1, x2, y2)` and the bare zoom form `= x1, y1, x2, y2` are not (the executor does not run
+    them either); the reference scored both, cut a zoom flat list of 8 (or 5..7) numbers into boxes of
+    4, and ignored a second bracket box on the line.
+  - a number over int32 invalidates its own action only; the reference scored it (a wrong frame), and a
+    number over 4,300 digits (Python's int() limit) made it drop every frame, box or segment of the
+    completion (its `except Exception`); a box too large for a float got IoU 0 there. Reference mode
+    keeps all of these and never raises on completion text.
 - "reference" transcribes the reference's reward_funcs.py / reward_utils.py logic (defects included; a
   list of rounds is joined with ""), so published numbers can be compared. Its total equals the
   reference's `reasoning_reward` (accuracy + reasoning score), the only reward its GRPO script used.
+
+Malformed inputs raise ValueError naming the argument, the sample index and the field (e.g.
+`samples[3]['valid_frames'][0]`); `completions` must be a list (a bare str would be scored per
+character).
 """
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 from .protocol import parse_actions, smart_resize
@@ -55,13 +81,77 @@ def _completion_text(c, i: int, joiner: str) -> str:
     raise ValueError(f"completions[{i}] must be a str or a list of round strings, got {type(c).__name__}")
 
 
-def _check(completions, samples, mode: str):
+def _batch(value, name: str, what: str) -> list:
+    # NOTE: a bare str is a sequence too: scored as given, each CHARACTER would be one completion
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list with one {what} per episode, got a {type(value).__name__}"
+                         + (f"; wrap a single one as [{name[:-1]}]" if isinstance(value, (str, dict)) else ""))
+    return list(value)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+
+
+def _is_coord(v) -> bool:
+    # finite and within int32: the IoU's float arithmetic cannot overflow on such boxes
+    # (abs(v) <= 2**31 is False for nan and inf, and needs no float() of a huge int)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 2**31
+
+
+def _check_sample(s, i: int) -> None:
+    """Raise ValueError naming `samples[i]` and the field when a sample cannot be scored (the rules would
+    otherwise die inside with an AttributeError/TypeError/OverflowError that names neither)."""
+    where = f"samples[{i}]"
+    if not isinstance(s, dict):
+        raise ValueError(f"{where} must be a dict (a GRPO sample), got {type(s).__name__}")
+    conv = s.get("conversations")
+    if conv is not None and not (isinstance(conv, list) and all(isinstance(t, dict) for t in conv)):
+        raise ValueError(f"{where}['conversations'] must be a list of turn dicts, got {_short(conv)}")
+    checks = (("valid_segments", lambda v: _is_int(v), "segment numbers (ints)"),
+              ("valid_frames", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_int, v)),
+               "[start, end] frame ranges (ints)"),
+              ("valid_bounding_box", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and _is_int(v[0])
+               and isinstance(v[1], (list, tuple)) and len(v[1]) == 4 and all(map(_is_coord, v[1])),
+               "[frame, [x1, y1, x2, y2]] entries (finite numbers of at most 2**31)"))
+    for key, ok, what in checks:
+        v = s.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"{where}[{key!r}] must be a list of {what}, got {_short(v)}")
+        for k, e in enumerate(v):
+            if not ok(e):
+                raise ValueError(f"{where}[{key!r}][{k}] must be one of {what}, got {_short(e)}")
+    hw = s.get("frame_hw")
+    if hw is not None and not (isinstance(hw, (list, tuple)) and len(hw) == 2 and all(map(_is_int, hw))
+                               and 0 < hw[0] <= 2**24 and 0 < hw[1] <= 2**24):
+        raise ValueError(f"{where}['frame_hw'] must be [height, width] (positive ints), got {_short(hw)}")
+    if s.get("valid_bounding_box") and hw is None and not isinstance(s.get("video"), (str, os.PathLike)):
+        raise ValueError(f"{where}: a sample with valid_bounding_box needs 'frame_hw' or 'video' to rescale "
+                         f"its boxes")
+
+
+def _check(completions, samples, mode: str, *, need_samples: bool = True):
+    """(texts, samples) after checking both; every error names the argument, index and field."""
     if mode not in COMPAT_MODES:
         raise ValueError(f"reward_compat must be one of {COMPAT_MODES}, got {mode!r}")
-    if samples is not None and len(samples) != len(completions):
-        raise ValueError(f"completions and samples differ in length: {len(completions)} vs {len(samples)}")
+    completions = _batch(completions, "completions", "completion (a str or a list of round strings)")
+    if samples is None and need_samples:
+        raise ValueError("samples are required (one GRPO sample dict per completion), got None")
+    if samples is not None:
+        samples = _batch(samples, "samples", "sample dict")
+        if len(samples) != len(completions):
+            raise ValueError(f"completions and samples differ in length: {len(completions)} vs {len(samples)}")
+        for i, s in enumerate(samples):
+            _check_sample(s, i)
     joiner = "\n" if mode == "fixed" else ""
-    return [_completion_text(c, i, joiner) for i, c in enumerate(completions)]
+    return [_completion_text(c, i, joiner) for i, c in enumerate(completions)], samples
 
 
 def gold_answer_text(sample: dict, i: int = 0) -> str:
@@ -220,11 +310,20 @@ def _ref_segments(text: str) -> list[int]:
             if m:
                 vals.append(int(m.group(1).strip()))  # defect 2: group(1) is the description
         return list(set(vals))
-    except ValueError:
-        return []  # defect 2: one bad line wipes every segment
+    except Exception:  # noqa: BLE001 - the reference's `except Exception`
+        return []  # defect 2: one bad line wipes every segment (so does a number over 4,300 digits)
 
 
 def _ref_frames(text: str) -> list[int]:
+    # the reference wraps this in `except Exception: return []`: int() of a number over 4,300 digits raises
+    # (Python's int/str conversion limit) and the completion then predicts no frame at all
+    try:
+        return _ref_frames_unguarded(text)
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _ref_frames_unguarded(text: str) -> list[int]:
     vals = []
     for step in text.split("\n"):
         if "FIND_FRAME" not in step:
@@ -242,6 +341,13 @@ def _ref_frames(text: str) -> list[int]:
 def _ref_boxes(text: str) -> list[tuple]:
     if "SPATIAL_ZOOM" not in text:
         return []
+    try:   # as _ref_frames: the reference's `except Exception` drops every box of the completion
+        return _ref_boxes_unguarded(text)
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _ref_boxes_unguarded(text: str) -> list[tuple]:
     pairs, frame = [], None
     for step in text.split("\n"):
         if "FIND_FRAME" in step:
@@ -268,6 +374,14 @@ def _ref_boxes(text: str) -> list[tuple]:
     return pairs
 
 
+def _ref_iou(a, b) -> float:
+    # compute_bbox_iou's `except Exception: iou = 0.0`: a box of 160-digit numbers overflows float()
+    try:
+        return box_iou(a, b)
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
 def _ref_reasoning_score(content: str, gt: dict, gold_boxes: dict) -> float:
     """The reference's reasoning score without its accuracy term; `gold_boxes` already rescaled."""
     valid_segments, valid_frames = gt.get("valid_segments") or [], gt.get("valid_frames") or []
@@ -284,7 +398,7 @@ def _ref_reasoning_score(content: str, gt: dict, gold_boxes: dict) -> float:
             if frame is None or int(frame) not in gold_boxes:
                 continue
             total += 1
-            correct += box_iou(box, gold_boxes[int(frame)]) >= IOU_THRESHOLD
+            correct += _ref_iou(box, gold_boxes[int(frame)]) >= IOU_THRESHOLD
     return correct / total if total > 0 else 0.0
 
 
@@ -304,7 +418,7 @@ def _limits(image_pixels) -> dict:
 
 def accuracy_reward(completions, samples, *, reward_compat: str = "fixed") -> list[float]:
     """1.0 when the predicted option letter equals the gold one, else 0.0."""
-    texts = _check(completions, samples, reward_compat)
+    texts, samples = _check(completions, samples, reward_compat)
     if reward_compat == "reference":
         return [_ref_accuracy(t, gold_answer_text(s, i)) for i, (t, s) in enumerate(zip(texts, samples))]
     return [_fixed_accuracy(t, s, i) for i, (t, s) in enumerate(zip(texts, samples))]
@@ -312,14 +426,14 @@ def accuracy_reward(completions, samples, *, reward_compat: str = "fixed") -> li
 
 def format_reward(completions, samples=None, *, reward_compat: str = "fixed") -> list[float]:
     """1.0 when the episode ends in a well-formed FINAL_ANSWER (see the module note for the two rules)."""
-    texts = _check(completions, samples, reward_compat)
+    texts, _ = _check(completions, samples, reward_compat, need_samples=False)
     fn = _ref_format if reward_compat == "reference" else _fixed_format
     return [fn(t) for t in texts]
 
 
 def reasoning_reward(completions, samples, *, reward_compat: str = "fixed", image_pixels=None) -> list[float]:
     """Correct / total over the predicted manipulations, in [0, 1] (without the accuracy term)."""
-    texts = _check(completions, samples, reward_compat)
+    texts, samples = _check(completions, samples, reward_compat)
     if reward_compat == "reference":
         return [_ref_reasoning_score(t, s, _ref_gold_boxes(t, s, image_pixels)) for t, s in zip(texts, samples)]
     return [_fixed_reasoning(t, s, image_pixels) for t, s in zip(texts, samples)]
@@ -340,7 +454,8 @@ def combined_reward(completions, samples, weights: dict | None = None, *,
     unknown = set(weights) - set(REWARD_FUNCS)
     if unknown:
         raise ValueError(f"weights: unknown reward names {sorted(unknown)}; known: {sorted(REWARD_FUNCS)}")
-    _check(completions, samples, reward_compat)
+    _, samples = _check(completions, samples, reward_compat)
+    completions = list(completions)
     # NOTE: image_pixels = (min, max) pixel limits of the FIND_FRAME images the model saw; the gold boxes are
     # rescaled with them (default: the protocol's 4*28*28 .. 128*28*28)
     parts = {k: fn(completions, samples, reward_compat=reward_compat) for k, fn in REWARD_FUNCS.items()

@@ -35,7 +35,10 @@ a range of it (a prefill chunk, the observation that follows, the finished Traje
 Choice on stopped rounds: a round the engine ends itself (completed action line, per-round token
 limit) gets an injected, not generated, <|im_end|> before the observation (Trajectory docstring).
 Finish reasons: "answer", "max_rounds", "max_new_tokens" (the last round hit the per-round limit),
-"kv_budget" (the sequence cannot fit the KV pool even alone).
+"kv_budget" (the sequence cannot fit the KV pool even alone), and "error: <Type>: <message>" when the
+sample's own work failed on a worker (an unreadable video, a failed preprocessing): that sample's episodes
+end there (empty ones when the prompt itself failed) and every other sample's run on; `failed(t)` tells
+them apart and training/evaluation skip them (stats["failed_episodes"] counts them).
 """
 from __future__ import annotations
 
@@ -61,6 +64,14 @@ from .sampling import SamplingParams, counter_uniforms, rollout_key, sample
 from .scheduler import SchedulerConfig, make_scheduler
 from .stopping import action_line_done, has_answer, has_line_break
 from .trajectory import Trajectory
+
+ERROR_PREFIX = "error: "   # finish_reason of an episode whose sample's media or preprocessing failed
+
+
+def failed(traj) -> bool:
+    """True for an episode ended by an error of its own sample (see the finish reasons above)."""
+    return traj.finish_reason.startswith(ERROR_PREFIX)
+
 
 # --- per-sequence and per-group state --------------------------------------------------------------------
 
@@ -373,7 +384,10 @@ class RolloutEngine:
         ready = []
         for f in done:
             kind, who = self.futures.pop(f)
-            ready.append((kind, who, f.result()))   # re-raises worker errors here
+            try:
+                ready.append((kind, who, f.result()))
+            except Exception as e:  # noqa: BLE001 - one sample's bad media must not lose the whole batch
+                self._fail(kind, who, e)
         # vision tower once per kind over every item not cached yet (per group cache by MediaItem.key)
         need: dict = {}
         for kind, who, res in ready:
@@ -418,6 +432,20 @@ class RolloutEngine:
                         self.stats["vision_cache_hits"] += 1
                     enc.append(hit)
                 self._apply_observation(who, obs, enc, turn)
+
+    def _fail(self, kind: str, who, e: Exception) -> None:
+        """End the episodes of the job that raised with finish reason "error: <Type>: <message>"."""
+        reason = ERROR_PREFIX + f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+        self.stats["failed_episodes"] = self.stats.get("failed_episodes", 0)
+        if kind == "prompt":   # no group was made: G empty episodes carry the reason
+            for r in range(self.G):
+                self.results[who][r] = Trajectory(sample_index=who, rollout_index=r, finish_reason=reason)
+            self.stats["failed_episodes"] += self.G
+        elif not who.done:     # the round that asked for the observation keeps its text, no action ran
+            who.traj.actions.append(None)
+            who.traj.observations.append(None)
+            self.stats["failed_episodes"] += 1
+            self._finish(who, reason)
 
     # --- worker-thread jobs (no model calls) -----------------------------------------------------------
 
