@@ -59,7 +59,7 @@ def test_packaged_configs_load_by_name_from_any_directory(tmp_path, monkeypatch)
         assert load_config(SFTConfig, name).media["image_max_pixels"] == 16 * 28 * 28
     assert load_config(GRPOConfig, "grpo_tiny").model == "runs/sft"   # where sft_tiny writes
     assert load_config(SFTConfig, "sft_tiny").output_dir == "runs/sft"
-    with pytest.raises(ValueError, match=r"'nope' not found.*\['grpo_tiny', 'sft_tiny'\]"):
+    with pytest.raises(ValueError, match=r"'nope' not found.*\['grpo_7b', 'grpo_tiny', 'sft_tiny'\]"):
         load_config(SFTConfig, "nope")
 
 
