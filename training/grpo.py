@@ -377,7 +377,9 @@ def policy_update(policy, trajs, advantages_N, embeds, ref_lps, old_lps, cfg: GR
     N = len(trajs)
     tokens_local = sum(t.num_generated for t in trajs)
     tokens_global = float(all_reduce_sum(torch.tensor(float(tokens_local), dtype=torch.float64)))
-    cap = cfg.max_rounds * cfg.max_new_tokens
+    # The episode token cap (dr_grpo's divisor) needs the resolved generation limits; None until the model's
+    # contract is read, and reduce_dr_grpo refuses a missing cap by name.
+    cap = cfg.max_rounds * cfg.max_new_tokens if cfg.max_rounds and cfg.max_new_tokens else None
     sums: Counter = Counter()
     mbs = _update_micro_batches(trajs, cfg)
     for m, idx in enumerate(mbs):
