@@ -2,12 +2,16 @@
 
     paths = synthesize("data/synth", num_samples=64, seed=0)   # dict(out_dir, sft, grpo, eval, videos)
 
-Each video: a smooth textured background that pans, 3-5 coloured shapes bouncing around, and the
-Segment/Frame label of spec section 1 burned in (media.overlay). In ONE segment a small tag (a light
-square carrying a coloured letter or digit) appears for a few frames at one place. The question asks
-which character, or which colour, the tag showed; 4 options on one line. Deterministic per seed (one
-numpy generator per sample, seeded with (seed, index); single-threaded encoders). Videos are H.264 mp4
-(or VP9 webm, codec="vp9") with 2 s GOPs so seeks are cheap; two worker processes write them.
+Each video (default 40 s at 8 fps: 4 segments): a textured background tinted per segment
+(SEGMENT_TINTS), 2-3 coloured shapes bouncing around, 4 fixed coloured slots (SLOT_COLOURS), and the
+Segment/Frame label of spec section 1 burned in (media.overlay). In ONE segment a small tag (a light square
+carrying a coloured letter or digit) sits in one slot for the whole segment. The question asks which
+character, or which colour, the tag showed; 4 options on one line. Each manipulation has a cue a tiny model
+can perceive (issue 17, docs/vision_demo.md): the tint of the main-video frames showing the tag gives the
+segment, the slot's colour around the tag gives the zoom box (the whole slot), and the character is only
+large enough to read in the zoomed crop. Deterministic per seed (one numpy generator per sample, seeded
+with (seed, index); single-threaded encoders). Videos are H.264 mp4 (or VP9 webm, codec="vp9") with 2 s
+GOPs so seeks are cheap; two worker processes write them.
 
 Files written under out_dir (paths inside the JSON are relative to the JSON file's directory):
     videos/sample_0000.mp4      the overlayed video
@@ -61,21 +65,49 @@ import numpy as np
 
 from .. import protocol
 
-INSTRUCTIONS = (
-    "Answer by manipulating the video. Each step ends with at most one action: "
-    "FIND_SEGMENT(description) = [s] rewatches segment s; FIND_FRAME(description) = [n] shows frame n; "
-    "SPATIAL_ZOOM(description) = [x1, y1, x2, y2] zooms into a box of the last frame shown. "
-    "Segment and frame numbers are printed at the top-left of the video. "
-    "Finish with FINAL_ANSWER: <letter>. <option>."
+INSTRUCTIONS = (   # short: the tiny model reads every token of it in every training example
+    "Tools: FIND_SEGMENT(d) = [s], FIND_FRAME(d) = [n], SPATIAL_ZOOM(d) = [x1, y1, x2, y2]. "
+    "End with FINAL_ANSWER: <letter>. <option>."
 )
 CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ2345679"   # no look-alikes (0/O, 1/I, 8/B)
 COLOURS = {"red": (220, 20, 20), "green": (0, 160, 0), "blue": (20, 40, 230), "orange": (255, 150, 0),
            "purple": (130, 0, 180), "black": (0, 0, 0)}   # far apart even after 4:2:0 chroma loss
 LETTERS = "ABCD"
+# The question's options (issue 17). The tag shows one of TAG_CHARS (4 shapes a tiny tower tells apart
+# at the zoom's 56 px) in one of TAG_COLOURS. NOTE: by default the options are the same four in the same
+# order for every question of a type, so the text carries no information about the answer at all; with
+# shuffled options (`shuffle_options=True`) the answer letter needs an option lookup (find the seen colour
+# among the options, copy its letter) that the 2-layer tiny LLM did not learn in the demo's budget
+# (docs/vision_demo.md, experiment E1).
+TAG_CHARS = "OXTL"
+TAG_COLOURS = ["red", "green", "blue", "orange"]
 _SUFFIX = {"h264": ".mp4", "vp9": ".webm"}
 
 
-# --- scene ----------------------------------------------------------------------------------------
+# --- scene ---------------------------------------------------------------------------------------
+# NOTE (issue 17): every manipulation carries information a tiny model can perceive. The background of
+# segment s is tinted with SEGMENT_TINTS[s-1] (the main video's 8 frames show which tint the tag sits on),
+# the tag stays up for its whole segment (2 of 8 main frames show it), and it sits in one of 4 fixed slots
+# whose fill colour names the slot (so its zoom box is readable from the frame image); its character is
+# about 1 patch wide in the frame image and only readable in the zoomed crop. docs/vision_demo.md.
+SEGMENT_TINTS = [(200, 70, 70), (70, 170, 70), (70, 90, 210), (150, 150, 150), (170, 120, 50),
+                 (130, 70, 170)]          # segment s: SEGMENT_TINTS[(s - 1) % 6]
+SLOT_COLOURS = [(200, 0, 200), (0, 190, 190), (210, 210, 0), (40, 40, 40)]
+_SLOT_XY = [(0.45, 0.03), (0.82, 0.03), (0.22, 0.70), (0.62, 0.70)]   # top-left corners, fractions of W, H
+TINT = 0.7                                # background = TINT * segment tint + (1 - TINT) * texture
+
+
+def slot_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """(x1, y1, x2, y2) of the 4 tag slots (x2, y2 exclusive) in a width x height frame."""
+    size = round(0.27 * height)
+    return [(min(width - size, round(fx * width)), min(height - size, round(fy * height)),
+             min(width - size, round(fx * width)) + size, min(height - size, round(fy * height)) + size)
+            for fx, fy in _SLOT_XY]
+
+
+def tag_size(height: int) -> int:
+    return round(0.27 * height * 0.72)
+
 
 def _smooth_texture(rng, h, w) -> np.ndarray:
     """uint8 (h, w, 3): low-frequency colour noise plus fine grain (a textured, codec-friendly background)."""
@@ -104,7 +136,7 @@ def _bounce(p0: float, v: float, t: np.ndarray, lo: float, hi: float) -> np.ndar
     return lo + np.where(x > span, 2 * span - x, x)
 
 
-def _tag_patch(char: str, colour, size: int) -> np.ndarray:
+def tag_patch(char: str, colour, size: int) -> np.ndarray:
     from PIL import Image, ImageDraw, ImageFont
 
     img = Image.new("RGB", (size, size), (235, 235, 225))
@@ -117,9 +149,82 @@ def _tag_patch(char: str, colour, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
+class Scene:
+    """Frames of one planned sample, rendered in memory (the video writer and the perception warm-up)."""
+
+    def __init__(self, plan: dict, width: int, height: int, fps: int):
+        from ..media.overlay import segment_of_frames
+
+        rng = np.random.default_rng(plan["texture_seed"])
+        self.pan = 48
+        self.bg = _smooth_texture(rng, height + self.pan, width + self.pan)
+        n = self.n = plan["n"]
+        self.plan, self.width, self.height, self.fps = plan, width, height, fps
+        self.segment = segment_of_frames(n, fps)
+        t = np.arange(n, dtype=np.float64)
+        self.px = _bounce(0, 0.7, t, 0, self.pan).astype(int)
+        self.py = _bounce(self.pan / 2, 0.4, t, 0, self.pan).astype(int)
+        self.tracks = []
+        for sh in plan["shapes"]:
+            sz = sh["size"]
+            xs = _bounce(sh["x0"], sh["vx"], t, 0, width - sz).astype(int)
+            ys = _bounce(sh["y0"], sh["vy"], t, 0, height - sz).astype(int)
+            self.tracks.append((_shape_mask(sh["kind"], sz), sh["colour"], xs, ys))
+        self.tag = tag_patch(plan["char"], COLOURS[plan["colour"]], plan["tag"])
+        self.slots = slot_boxes(width, height)
+
+    def draw(self, i: int, out: np.ndarray | None = None, labels: bool = True) -> np.ndarray:
+        """uint8 (H, W, 3) frame i (0-based), written into `out` if given."""
+        from ..media.overlay import draw_label
+
+        p, h, w = self.plan, self.height, self.width
+        f = np.empty((h, w, 3), np.uint8) if out is None else out
+        tint = np.array(SEGMENT_TINTS[(int(self.segment[i]) - 1) % len(SEGMENT_TINTS)], np.float32)
+        bg = self.bg[self.py[i]:self.py[i] + h, self.px[i]:self.px[i] + w].astype(np.float32)
+        f[:] = (TINT * tint + (1 - TINT) * bg).astype(np.uint8)
+        for mask, colour, xs, ys in self.tracks:
+            sz = mask.shape[0]
+            f[ys[i]:ys[i] + sz, xs[i]:xs[i] + sz][mask] = colour
+        for (x1, y1, x2, y2), colour in zip(self.slots, SLOT_COLOURS):
+            f[y1:y2, x1:x2] = colour
+        if p["start"] <= i < p["start"] + p["length"]:
+            y, x, s = p["y"], p["x"], p["tag"]
+            f[y:y + s, x:x + s] = self.tag
+        if labels:
+            draw_label(f, int(self.segment[i]), i + 1)
+        return f
+
+
+class SceneSource:
+    """A planned sample as a video source (num_frames, fps, get_frames), rendered in memory, never encoded.
+
+    The training stream of issue 17 (training/scenes.py) draws thousands of fresh episodes; encoding them
+    would cost ~1 s each. A little uniform noise stands in for the codec. Held-out samples stay real videos.
+    """
+
+    def __init__(self, plan: dict, width: int = 320, height: int = 192, fps: int = 4, *, noise: int = 4,
+                 seed: int = 0):
+        self.scene = Scene(plan, width, height, fps)
+        self.num_frames, self.fps, self.noise = plan["n"], float(fps), noise
+        self.path = f"scene:{plan['index']}"
+        self._rng = np.random.default_rng([seed, plan["index"]])
+
+    def get_frames(self, indices):
+        import torch
+
+        out = np.stack([self.scene.draw(int(i)) for i in indices])
+        if self.noise:
+            out = np.clip(out.astype(np.int16) + self._rng.integers(-self.noise, self.noise + 1, out.shape), 0, 255)
+        return torch.from_numpy(out.astype(np.uint8))
+
+    def close(self):
+        pass
+
+
 # --- one sample -----------------------------------------------------------------------------------
 
-def _plan(index: int, seed: int, width: int, height: int, fps: int, seconds, image_hw) -> dict:
+def _plan(index: int, seed: int, width: int, height: int, fps: int, seconds, image_hw, *,
+          shuffle_options: bool = False) -> dict:
     """Everything random about sample `index`, drawn from its own generator (order-independent)."""
     rng = np.random.default_rng([seed, index])
     duration = int(rng.integers(seconds[0], seconds[1] + 1))
@@ -127,58 +232,42 @@ def _plan(index: int, seed: int, width: int, height: int, fps: int, seconds, ima
     segs = protocol.segment_ranges(n, fps)
     s = int(rng.integers(1, len(segs) + 1))
     a, b = segs[s - 1]
-    length = int(rng.integers(max(3, fps // 2 + 1), fps + 3))     # a fraction of a second to ~1 s
-    start = int(rng.integers(a + 1, max(a + 2, b - length - 1)))
-    start = min(start, b - length)
-    tag = max(16, height // 10)
-    from ..media.overlay import label_box
-
-    lx2, ly2 = label_box(height, width)[2:]
-    x = int(rng.integers(lx2 + 6, width - tag - 6))
-    y = int(rng.integers(6, height - tag - 6))
+    start, length = a, b - a                                   # the tag stays up for its whole segment
+    tag = tag_size(height)
+    slot = int(rng.integers(0, 4))
+    sx1, sy1, sx2, sy2 = slot_boxes(width, height)[slot]
+    x = int(rng.integers(sx1, sx2 - tag + 1))
+    y = int(rng.integers(sy1, sy2 - tag + 1))
     qtype = "character" if rng.random() < 0.5 else "colour"
-    chars = list(rng.choice(list(CHARS), size=4, replace=False))
-    colours = list(rng.choice(list(COLOURS), size=4, replace=False))
-    answer = int(rng.integers(0, 4))
-    char, colour = chars[answer], colours[answer]
-    options = chars if qtype == "character" else colours
+    # the tag's character and colour are independent; the question asks for one of them
+    char, colour = str(rng.choice(list(TAG_CHARS))), str(rng.choice(TAG_COLOURS))
+    options = list(TAG_CHARS) if qtype == "character" else list(TAG_COLOURS)
+    if shuffle_options:
+        rng.shuffle(options)
+    answer = options.index(char if qtype == "character" else colour)
     shapes = []
-    for _ in range(int(rng.integers(3, 6))):
-        size = int(rng.integers(height // 8, height // 4))
+    for _ in range(int(rng.integers(2, 4))):
+        size = int(rng.integers(height // 10, height // 6))
         shapes.append(dict(kind=str(rng.choice(["circle", "square", "diamond"])), size=size,
                            colour=rng.integers(0, 256, size=3).astype(np.uint8),
                            x0=float(rng.uniform(0, width - size)), y0=float(rng.uniform(0, height - size)),
                            vx=float(rng.uniform(-3, 3)), vy=float(rng.uniform(-2, 2))))
-    gold = start + length // 2                     # 0-based frame of the FIND_FRAME step
-    margin = max(2, tag // 6)
-    box = (max(0, x - margin), max(0, y - margin),
-           min(width, x + tag + margin), min(height, y + tag + margin))
+    gold = start + length // 2                     # 0-based frame of the FIND_FRAME step: mid-segment
     rh, rw = image_hw
-    zoom = [math.floor(box[0] * rw / width), math.floor(box[1] * rh / height),
-            math.ceil(box[2] * rw / width), math.ceil(box[3] * rh / height)]
-    return dict(index=index, n=n, segment=s, start=start, length=length, tag=tag, x=x, y=y, qtype=qtype,
-                options=[str(o) for o in options], answer=answer, char=str(char), colour=str(colour),
-                shapes=shapes, gold=gold, zoom=zoom, texture_seed=int(rng.integers(2**31)))
+    # the zoom asks for the whole slot (the tag moves within it from sample to sample)
+    zoom = [math.floor(sx1 * rw / width), math.floor(sy1 * rh / height),
+            math.ceil(sx2 * rw / width), math.ceil(sy2 * rh / height)]
+    return dict(index=index, n=n, segment=s, start=start, length=length, tag=tag, x=x, y=y, slot=slot,
+                qtype=qtype, options=[str(o) for o in options], answer=answer, char=str(char),
+                colour=str(colour), shapes=shapes, gold=gold, zoom=zoom,
+                texture_seed=int(rng.integers(2**31)))
 
 
 def _render(plan: dict, path: str, width: int, height: int, fps: int, codec: str, threads: int):
-    from ..media.overlay import draw_labels, encode, finish, open_encoder
+    from ..media.overlay import encode, finish, open_encoder
 
-    rng = np.random.default_rng(plan["texture_seed"])
-    pan = 48
-    bg = _smooth_texture(rng, height + pan, width + pan)
+    scene = Scene(plan, width, height, fps)
     n = plan["n"]
-    t = np.arange(n, dtype=np.float64)
-    px = _bounce(0, 0.7, t, 0, pan).astype(int)
-    py = _bounce(pan / 2, 0.4, t, 0, pan).astype(int)
-    tracks = []
-    for sh in plan["shapes"]:
-        sz = sh["size"]
-        xs = _bounce(sh["x0"], sh["vx"], t, 0, width - sz).astype(int)
-        ys = _bounce(sh["y0"], sh["vy"], t, 0, height - sz).astype(int)
-        tracks.append((_shape_mask(sh["kind"], sz), sh["colour"], xs, ys))
-    tag = _tag_patch(plan["char"], COLOURS[plan["colour"]], plan["tag"])
-    a, b = plan["start"], plan["start"] + plan["length"]
     container, stream = open_encoder(path, width, height, fps, codec, gop=2 * fps)
     if threads:
         stream.codec_context.thread_count = threads
@@ -188,15 +277,7 @@ def _render(plan: dict, path: str, width: int, height: int, fps: int, codec: str
             c1 = min(n, c0 + chunk)
             frames = np.empty((c1 - c0, height, width, 3), dtype=np.uint8)
             for i in range(c0, c1):
-                f = frames[i - c0]
-                f[:] = bg[py[i]:py[i] + height, px[i]:px[i] + width]
-                for mask, colour, xs, ys in tracks:
-                    sz = mask.shape[0]
-                    f[ys[i]:ys[i] + sz, xs[i]:xs[i] + sz][mask] = colour
-                if a <= i < b:
-                    y, x, s = plan["y"], plan["x"], plan["tag"]
-                    f[y:y + s, x:x + s] = tag
-            draw_labels(frames, c0, n, fps)
+                scene.draw(i, frames[i - c0])
             encode(container, stream, frames, c0)
     finally:
         finish(container, stream)
@@ -223,9 +304,7 @@ def _make_sample(args) -> dict:
 # --- conversations --------------------------------------------------------------------------------
 
 def _question_turn(p: dict) -> dict:
-    q = ("Which character is written on the small tag that appears briefly in the video?"
-         if p["qtype"] == "character" else
-         "What colour is the character on the small tag that appears briefly in the video?")
+    q = "Which character is on the tag?" if p["qtype"] == "character" else "What colour is the tag's character?"
     opts = ", ".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(p["options"]))
     return {"from": "human", "value": f"<video>\n{INSTRUCTIONS}\nQuestion: {q}\nOptions: {opts}",
             "segment_frame_list": {str(p["segment"]): [p["gold"] + 1]}}
@@ -249,15 +328,14 @@ def _sft_record(r: dict, fps: int, image_hw, width: int, height: int) -> dict:
     # only "." in assistant text is the answer's, followed by the option (docs/sft_curve.md)
     conv = [
         _question_turn(p),
-        {"from": "gpt", "value": f"The tag appears in segment {s}, so "
-                                 f"FIND_SEGMENT(the segment where the small tag appears) = [{s}]"},
+        {"from": "gpt", "value": f"The tag is in segment {s}, so FIND_SEGMENT(tag) = [{s}]"},
         {"from": "human", "value": f"<video>\n{TEXT_SEGMENT}",
          "media": {"type": "video", "time_ranges": [{"start": t0, "end": t1}], "frame_list": [n]}},
         {"from": "gpt",
-         "value": f"The tag is visible in frame {n}, so FIND_FRAME(the frame showing the tag) = [{n}]"},
+         "value": f"The tag is in frame {n}, so FIND_FRAME(tag) = [{n}]"},
         {"from": "human", "value": f"<image>\n{TEXT_FRAME}",
          "media": {"type": "image", "image": r["frame_image"], "frame": n}},
-        {"from": "gpt", "value": f"The tag is small, so SPATIAL_ZOOM(the tag) = [{x1}, {y1}, {x2}, {y2}]"},
+        {"from": "gpt", "value": f"The tag is small, so SPATIAL_ZOOM(tag) = [{x1}, {y1}, {x2}, {y2}]"},
         {"from": "human", "value": f"<image>\n{TEXT_ZOOM}",
          "media": {"type": "image", "image": r["frame_image"], "frame": n, "bbox": [list(crop)]}},
         {"from": "gpt", "value": f"The tag shows {seen}, so FINAL_ANSWER: {_answer_text(p)}"},
@@ -285,8 +363,8 @@ def _single_threaded_worker() -> None:
 
 
 def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h264", width: int = 320,
-               height: int = 192, fps: int = 8, seconds=(40, 60), media_config=None,
-               workers: int | None = None, num_eval: int | None = None) -> dict:
+               height: int = 192, fps: int = 4, seconds=(40, 40), media_config=None,
+               workers: int | None = None, num_eval: int | None = None, shuffle_options: bool = False) -> dict:
     """Write the dataset under `out_dir`; returns dict(out_dir, sft, grpo, eval, videos) of paths.
     The last `num_eval` samples (default max(1, num_samples // 8)) are held out in eval.json."""
     from ..env import MediaConfig
@@ -311,7 +389,8 @@ def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "frames").mkdir(parents=True, exist_ok=True)
-    plans = [_plan(i, seed, width, height, fps, (lo, hi), image_hw) for i in range(num_samples)]
+    plans = [_plan(i, seed, width, height, fps, (lo, hi), image_hw, shuffle_options=shuffle_options)
+             for i in range(num_samples)]
     workers = workers if workers is not None else min(2, os.cpu_count() or 1, num_samples)
     # NOTE: one encoder thread always: multi-threaded x264 makes different (valid) choices per core count
     jobs = [(p, str(out), width, height, fps, codec, 1) for p in plans]
@@ -360,4 +439,5 @@ def _remove_stale(out: Path, written: set) -> None:
                 f.unlink()
 
 
-__all__ = ["synthesize", "INSTRUCTIONS", "CHARS", "COLOURS"]
+__all__ = ["synthesize", "Scene", "SceneSource", "TAG_CHARS", "TAG_COLOURS", "slot_boxes", "tag_patch", "INSTRUCTIONS", "CHARS", "COLOURS", "SEGMENT_TINTS",
+           "SLOT_COLOURS"]

@@ -1,0 +1,81 @@
+"""Issue 17 pieces that hold today: the blanked-media ablation and the redesigned scene's cues.
+
+The end-to-end claim (accuracy after SFT well above chance and above the blanked ablation) is NOT pinned
+here: it is not reached yet (docs/vision_demo.md: 0.25 after SFT on 48 held-out samples). What is pinned:
+- the ablation's environment returns the real reply (text, media count, frame indices, sizes) with black
+  pixels, only for the observation kinds asked, and under a key the vision cache cannot confuse;
+- the synthesized scene carries the cues each manipulation needs: the segment's tint on every frame, the
+  tag in its slot for the whole segment and nowhere else, the zoom box covering the tag (IoU above the
+  reward's threshold after the resize).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def test_blanked_env_keeps_the_reply_and_blacks_out_the_pixels(synth_small):
+    from videocom_fast.ablation import _blanked_env
+    from videocom_fast.data import load_samples
+    from videocom_fast.env import ManipulationEnv
+
+    data_dir, mc = synth_small
+    sample = load_samples(data_dir / "grpo.json", kind="grpo")[0]
+    gold = load_samples(data_dir / "sft.json", kind="sft")[0]
+    rounds = [t["value"] for t in gold["conversations"] if t["from"] == "gpt"][:3]
+    real, blank = ManipulationEnv(sample, config=mc), _blanked_env(ManipulationEnv, frozenset({"zoom"}))(
+        sample, config=mc)
+    for k, text in enumerate(rounds):
+        a, b = real.step(text), blank.step(text)
+        assert (a.text, a.reason, len(a.media)) == (b.text, b.reason, len(b.media)) and a.media
+        for ma, mb in zip(a.media, b.media):
+            assert (ma.indices, ma.box, ma.resized_hw, ma.frames.shape) == (mb.indices, mb.box, mb.resized_hw,
+                                                                            mb.frames.shape)
+            if k == 2:   # the zoom: black, and a key of its own
+                assert int(mb.frames.max()) == 0 and mb.key != ma.key and int(ma.frames.max()) > 0
+            else:
+                assert mb.key == ma.key and bool((ma.frames == mb.frames).all())
+    # the main video is never blanked
+    assert bool((real.main_video().frames == blank.main_video().frames).all())
+
+
+def test_blanked_engine_rejects_unknown_kinds(tiny_dir):
+    from videocom_fast.ablation import blanked_engine
+
+    for bad in ((), ("zoom", "answer"), ("bogus",)):
+        with pytest.raises(ValueError, match="blank"):
+            blanked_engine(tiny_dir, None, blank=bad)
+
+
+def test_scene_carries_the_cues_each_manipulation_needs():
+    from videocom_fast import protocol
+    from videocom_fast.data.synth import SEGMENT_TINTS, SLOT_COLOURS, TINT, Scene, _plan, slot_boxes
+    from videocom_fast.rewards import box_iou
+
+    W, H, fps = 320, 192, 8
+    hw = protocol.smart_resize(H, W, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+    rng = np.random.default_rng()
+    for index in rng.integers(0, 10_000, size=6):
+        p = _plan(int(index), int(rng.integers(2**20)), W, H, fps, (40, 40), hw)
+        sc = Scene(p, W, H, fps)
+        slot = slot_boxes(W, H)[p["slot"]]
+        x1, y1, x2, y2 = slot
+        assert x1 <= p["x"] and p["x"] + p["tag"] <= x2 and y1 <= p["y"] and p["y"] + p["tag"] <= y2
+        for i in (0, p["start"], p["start"] + p["length"] - 1, p["n"] - 1):
+            f = sc.draw(i, labels=False).astype(int)
+            seg = int(sc.segment[i])
+            # the background of segment s is 70% its tint: a strip between the slots averages to it plus 30% of
+            # a mid-grey texture (tints 1 and 4 are only 100 apart in L1, so no nearest-tint check here)
+            strip = f[H // 2 - 4:H // 2 + 4].reshape(-1, 3).mean(0)
+            expect = TINT * np.array(SEGMENT_TINTS[seg - 1]) + (1 - TINT) * 120
+            assert np.abs(strip - expect).max() < 30, (strip, expect, seg)
+            shown = p["start"] <= i < p["start"] + p["length"]
+            assert shown == (seg == p["segment"])
+            cell = f[p["y"]:p["y"] + p["tag"], p["x"]:p["x"] + p["tag"]].reshape(-1, 3)
+            light = (np.abs(cell - np.array([235, 235, 225])).max(1) < 25).mean()
+            assert (light > 0.3) if shown else (light == 0), light
+            assert (np.abs(f[y1, x1] - np.array(SLOT_COLOURS[p["slot"]])).max() < 2)
+        sx, sy = hw[1] / W, hw[0] / H
+        tag = [round(p["x"] * sx), round(p["y"] * sy), round((p["x"] + p["tag"]) * sx),
+               round((p["y"] + p["tag"]) * sy)]
+        assert box_iou(p["zoom"], tag) >= 0.4
