@@ -1,7 +1,10 @@
-"""Issue 17 pieces that hold today: the blanked-media ablation and the redesigned scene's cues.
+"""Issue 17: the tiny model sees, and the pieces that make it see.
 
-The end-to-end claim (accuracy after SFT well above chance and above the blanked ablation) is NOT pinned
-here: it is not reached yet (docs/vision_demo.md: 0.25 after SFT on 48 held-out samples). What is pinned:
+Pinned end to end (test_the_seeing_model_answers_from_its_observations): tests/data/seeing_tiny, made by the
+demo's recipe (tests/data/make_seeing_tiny.py), answers fresh H.264 held-out samples through the rollout
+engine far above chance, and loses that when the observations' pixels are black. Any bug in decoding,
+cropping, preprocessing, M-RoPE or observation injection breaks it (docs/vision_demo.md shows two such bugs
+introduced on purpose and this test failing). Also pinned:
 - the ablation's environment returns the real reply (text, media count, frame indices, sizes) with black
   pixels, only for the observation kinds asked, and under a key the vision cache cannot confuse;
 - the synthesized scene carries the cues each manipulation needs: the segment's tint on every frame, the
@@ -9,6 +12,8 @@ here: it is not reached yet (docs/vision_demo.md: 0.25 after SFT on 48 held-out 
   reward's threshold after the resize).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,3 +84,33 @@ def test_scene_carries_the_cues_each_manipulation_needs():
         tag = [round(p["x"] * sx), round(p["y"] * sy), round((p["x"] + p["tag"]) * sx),
                round((p["y"] + p["tag"]) * sy)]
         assert box_iou(p["zoom"], tag) >= 0.4
+
+
+SEEING = Path(__file__).resolve().parent / "data" / "seeing_tiny"
+
+
+@pytest.mark.slow
+def test_the_seeing_model_answers_from_its_observations(tmp_path):
+    import json
+
+    from videocom_fast.ablation import ablation_table
+    from videocom_fast.data import load_samples, synthesize
+
+    media = json.loads((SEEING / "media.json").read_text())["media"]
+    # fresh held-out videos: synthesize's seeds never meet the SFT stream (training/scenes.STREAM_SEED)
+    paths = synthesize(tmp_path, num_samples=25, num_eval=24, seed=int(np.random.default_rng().integers(2**20)),
+                       media_config=_media(media))
+    held = load_samples(paths["eval"], kind="grpo")
+    tab = ablation_table(SEEING, held, media)
+    acc = {k: v["accuracy_mean"] for k, v in tab.items()}
+    # chance is 0.25 (4 options, fixed order: the text says nothing about the answer)
+    assert acc["full"] >= 0.5, acc
+    assert acc["full"] - acc["blank_all"] >= 0.2, acc
+    assert acc["full"] - acc["blank_zoom"] >= 0.15, acc
+    assert tab["full"]["precision_segment"] >= 0.5 and tab["full"]["precision_zoom"] >= 0.5, tab["full"]
+
+
+def _media(d: dict):
+    from videocom_fast.env import MediaConfig
+
+    return MediaConfig(**{k: v for k, v in d.items() if k in MediaConfig.__dataclass_fields__})

@@ -18,8 +18,8 @@ from PIL import Image
 
 from videocom_fast import protocol
 from videocom_fast.data import synthesize
-from videocom_fast.data.synth import COLOURS, INSTRUCTIONS
-from videocom_fast.env import TEXT_FRAME, TEXT_SEGMENT, TEXT_ZOOM, ManipulationEnv
+from videocom_fast.data.synth import COLOURS, INSTRUCTIONS, LETTERS, TAG_COLOURS, _plan
+from videocom_fast.env import TEXT_FRAME, TEXT_SEGMENT, TEXT_ZOOM, ManipulationEnv, MediaConfig
 from videocom_fast.media import FrameCache, open_video
 
 NUM, FPS, SECONDS = 6, 8, (20, 26)
@@ -106,19 +106,22 @@ def test_annotations_are_true_in_the_pixels(data):
         assert all(tag_fraction(f) < 0.2 for f in away)
 
 
-def test_character_colour_matches_the_answer(data):
-    _, _, paths, d = data
-    for s in d["grpo"]:
-        if s["question_type"] != "colour":
-            continue
+def test_character_colour_matches_the_plan(data):
+    """The glyph's ink in the decoded video has the colour the sample was planned with (every sample: the
+    default questions ask for the character, so the colour is checked against the plan, not the answer)."""
+    seed, _, paths, d = data
+    hw = protocol.smart_resize(192, 320, min_pixels=MediaConfig().image_min_pixels,
+                               max_pixels=MediaConfig().image_max_pixels)
+    for s in d["grpo"] + d["eval"]:
+        plan = _plan(int(s["id"].rsplit("_", 1)[1]), seed, 320, 192, FPS, SECONDS, hw)
+        assert LETTERS[plan["answer"]] == s["answer"] and s["question_type"] == plan["qtype"] == "character"
         src = open_video(_abs(paths, s["video"]))
         f, (x1, y1, x2, y2) = s["valid_bounding_box"][len(s["valid_bounding_box"]) // 2]
         crop = src.get_frames([f - 1])[0].numpy()[y1:y2, x1:x2].reshape(-1, 3).astype(int)
         far = np.abs(crop - TAG_BG).sum(axis=1)
         ink = np.median(crop[far >= np.quantile(far, 0.9)], axis=0)   # the strongest 10%: glyph cores
-        colour = s["conversations"][1]["value"].split(". ", 1)[1]
-        dist = {name: np.abs(ink - np.array(rgb)).sum() for name, rgb in COLOURS.items()}
-        assert min(dist, key=dist.get) == colour
+        dist = {name: np.abs(ink - np.array(COLOURS[name])).sum() for name in TAG_COLOURS}
+        assert min(dist, key=dist.get) == plan["colour"]
 
 
 def test_gold_chain_replays_through_the_env(data):

@@ -9,7 +9,8 @@ video encoding: hundreds of scenes per second), each in the three shapes the mod
   - main video: one temporal patch (2 of the main frames) at the video pixel limits; every merged token
     learns the segment tint, and each token covering the tag learns that it does;
   - FIND_FRAME image at the image limits; a token covering the tag learns which of the 4 slots it is in;
-  - SPATIAL_ZOOM crop of the tag's slot; the mean of its tokens learns the character and its colour.
+  - SPATIAL_ZOOM crop of the tag's slot; the mean of its tokens learns the character and its colour
+    (`crops` per step, more than the other views: 4 tokens each, and the character is the hardest cue).
 The heads are thrown away; SFT then trains the LLM to read these features with the tower frozen. Inputs go
 through `preprocess_video` / `preprocess_images`, the same pixel path as training and rollouts. A little
 noise stands in for the codec (the rendered frames are never encoded). docs/vision_demo.md has the numbers.
@@ -56,23 +57,33 @@ class _Batches:
     def _noisy(self, f: np.ndarray) -> np.ndarray:
         return np.clip(f.astype(np.int16) + self.rng.integers(-4, 5, f.shape), 0, 255).astype(np.uint8)
 
-    def make(self, n: int):
+    def make(self, n: int, n_crops: int | None = None):
+        n_crops = n if n_crops is None else n_crops
         from videocom_fast import protocol
         from videocom_fast.data.synth import SEGMENT_TINTS, Scene, _plan
         from videocom_fast.env import resized_box_to_original
         from videocom_fast.preprocess import preprocess_images, preprocess_video
 
         vids, vid_t, vid_tag, imgs, img_t, crops, boxes, char_t, col_t = [], [], [], [], [], [], [], [], []
-        for _ in range(n):
+        for k in range(max(n, n_crops)):
             p = _plan(self.count, self.seed + 7919, self.w, self.h, self.fps, self.seconds, self.img_hw)
             self.count += 1
             sc = Scene(p, self.w, self.h, self.fps)
+            tag_box = (p["x"], p["y"], p["x"] + p["tag"], p["y"] + p["tag"])
+            if k < n_crops:
+                # the zoom crop of the tag's slot, on a frame showing the tag, as the env crops the gold box
+                tf = self._noisy(sc.draw(int(self.rng.integers(p["start"], p["start"] + p["length"]))))
+                crops.append(torch.from_numpy(tf))
+                boxes.append(resized_box_to_original(p["zoom"], self.img_hw, (self.h, self.w)))
+                char_t.append(self.chars[p["char"]])
+                col_t.append(self.colours[p["colour"]])
+            if k >= n:
+                continue
             main = protocol.sample_frame_indices(p["n"], self.fps, self.m.main_nframes)
             g = int(self.rng.integers(0, len(main) // 2))
             pair = [main[2 * g], main[2 * g + 1]]
             vids.append(torch.from_numpy(np.stack([self._noisy(sc.draw(i)) for i in pair])))
             vid_t.append((int(sc.segment[pair[0]]) - 1) % len(SEGMENT_TINTS))
-            tag_box = (p["x"], p["y"], p["x"] + p["tag"], p["y"] + p["tag"])
             shown = p["start"] <= pair[0] < p["start"] + p["length"]
             vid_tag.append(_token_cover(tag_box, (self.h, self.w), self.vid_hw) if shown else
                            np.zeros((self.vid_hw[0] // 28, self.vid_hw[1] // 28), bool))
@@ -86,12 +97,6 @@ class _Batches:
                 img_t.append(np.where(_token_cover(tag_box, (self.h, self.w), self.img_hw), p["slot"] + 1, 0))
             else:
                 img_t.append(np.zeros((self.img_hw[0] // 28, self.img_hw[1] // 28), np.int64))
-            # the zoom crop of the tag's slot, on a frame showing the tag, as the env crops the gold box
-            tf = self._noisy(sc.draw(int(self.rng.integers(p["start"], p["start"] + p["length"]))))
-            crops.append(torch.from_numpy(tf))
-            boxes.append(resized_box_to_original(p["zoom"], self.img_hw, (self.h, self.w)))
-            char_t.append(self.chars[p["char"]])
-            col_t.append(self.colours[p["colour"]])
         m = self.m
         v = preprocess_video(vids, min_pixels=m.video_min_pixels, max_pixels=m.video_max_pixels)
         im = preprocess_images(imgs, min_pixels=m.image_min_pixels, max_pixels=m.image_max_pixels)
@@ -109,7 +114,7 @@ class _Heads(torch.nn.Module):
         self.char, self.colour = torch.nn.Linear(dim, chars), torch.nn.Linear(dim, colours)
 
 
-def _losses(model, heads: _Heads, b: dict) -> tuple[torch.Tensor, dict]:
+def _losses(model, heads: _Heads, b: dict, char_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     from videocom_fast.modeling import vision_embeds
 
     ce = torch.nn.functional.cross_entropy
@@ -125,21 +130,24 @@ def _losses(model, heads: _Heads, b: dict) -> tuple[torch.Tensor, dict]:
         "colour": ce(heads.colour(crop), b["colour"]),
     }
     with torch.no_grad():
-        tagged = b["img_slot"] > 0
-        slot_pred = heads.slot(img).argmax(-1)
+        tagged, vtagged = b["img_slot"] > 0, b["vid_tag"] > 0
+        slot_pred, vtag_pred = heads.slot(img).argmax(-1), heads.tag(vid).argmax(-1)
         acc = {
             "tint": (tint_logits.argmax(-1) == b["vid_tint"][:, None]).float().mean().item(),
             "slot_on_tag": (slot_pred[tagged] == b["img_slot"][tagged]).float().mean().item()
             if tagged.any() else float("nan"),
+            "tag_tokens": (vtag_pred[vtagged] == b["vid_tag"][vtagged]).float().mean().item()
+            if vtagged.any() else float("nan"),
             "char": (heads.char(crop).argmax(-1) == b["char"]).float().mean().item(),
             "colour": (heads.colour(crop).argmax(-1) == b["colour"]).float().mean().item(),
         }
-    return sum(out.values()), {**{k: v.item() for k, v in out.items()}, **{f"acc_{k}": v for k, v in acc.items()}}
+    total = sum(out.values()) + (char_weight - 1) * out["char"]
+    return total, {**{k: v.item() for k, v in out.items()}, **{f"acc_{k}": v for k, v in acc.items()}}
 
 
-def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, lr: float = 2e-3, seed: int = 0,
-            width: int = 320, height: int = 192, fps: int = 4, seconds=(40, 40), log_every: int = 50,
-            eval_batch: int = 64, log=print) -> dict:
+def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, crops: int = 64, lr: float = 2e-3,
+            char_weight: float = 4.0, seed: int = 0, width: int = 320, height: int = 192, fps: int = 4,
+            seconds=(40, 40), log_every: int = 50, eval_batch: int = 64, log=print) -> dict:
     """Train the vision tower + merger of `model` ("tiny" = build a new tiny model, or a model dir) and
     save the whole model to `out_dir`. Returns the held-out head accuracies (fresh scenes) and timings."""
     from videocom_fast.data.synth import SEGMENT_TINTS, TAG_CHARS, TAG_COLOURS
@@ -166,7 +174,7 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, lr: flo
     t0, history = time.perf_counter(), []
     visual.train()
     for step in range(1, steps + 1):
-        loss, parts = _losses(net, heads, data.make(batch))
+        loss, parts = _losses(net, heads, data.make(batch, crops), char_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -174,8 +182,9 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, lr: flo
         sched.step()
         if step % log_every == 0 or step == steps:
             history.append({"step": step, **parts})
+            shown = ("acc_tint", "acc_tag_tokens", "acc_slot_on_tag", "acc_char", "acc_colour")
             log(f"perception step {step}/{steps} loss {loss.item():.3f} " +
-                " ".join(f"{k} {parts[k]:.2f}" for k in ("acc_tint", "acc_slot_on_tag", "acc_char", "acc_colour")))
+                " ".join(f"{k} {parts[k]:.2f}" for k in shown))
     visual.eval()
     with torch.no_grad():
         _, final = _losses(net, heads, held)
@@ -184,7 +193,7 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, lr: flo
     processor.save_pretrained(out)
     if (src / "videocom_tiny.json").exists():
         shutil.copy(src / "videocom_tiny.json", out / "videocom_tiny.json")
-    info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "train_s": round(train_s, 1),
+    info = {"steps": steps, "batch": batch, "crops": crops, "lr": lr, "seed": seed, "train_s": round(train_s, 1),
             "held_out": {k: v for k, v in final.items() if k.startswith("acc_")}, "history": history}
     (out / "perception.json").write_text(json.dumps(info, indent=1))
     return info
@@ -202,11 +211,12 @@ def main(argv=None) -> int:
                     help="YAML whose `media` block gives the pixel limits")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--crops", type=int, default=64, help="zoom crops per step (cheap: 4 tokens each)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     media = yaml.safe_load(open(a.config))["media"]
-    info = warm_up(a.model, a.out_dir, media=media, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed)
+    info = warm_up(a.model, a.out_dir, media=media, steps=a.steps, batch=a.batch, crops=a.crops, lr=a.lr, seed=a.seed)
     print(json.dumps(info["held_out"]))
     return 0
 

@@ -101,15 +101,17 @@ def _loss_and_turns(model, examples) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def sft_on_scenes(model, out_dir, *, media, steps: int = 600, batch: int = 8, lr: float = 3e-3, seed: int = 0,
-                  train_vision: bool = False, train_merger: bool = True, width: int = 320, height: int = 192, fps: int = 4,
-                  seconds=(40, 40), warmup: int = 20, log_every: int = 25, log=print) -> dict:
+                  train_vision: bool = False, train_merger: bool = True, width: int = 320, height: int = 192,
+                  fps: int = 4, seconds=(40, 40), warmup: int = 20, log_every: int = 25, log=print) -> dict:
     """Train `model` (a from_pretrained dir, e.g. the perception warm-up's) on `steps` x `batch` fresh
-    rendered episodes; save it to `out_dir` (from_pretrained + media.json). Returns the history."""
+    rendered episodes; save it to `out_dir` (from_pretrained + media.json; the logged rows also go to
+    out_dir/metrics.jsonl, the report's SFT curve). Returns the history."""
     from videocom_fast.contract import write_contract
     from videocom_fast.evaluate import media_config_from
     from videocom_fast.modeling import inner
     from videocom_fast.models import load
 
+    from .metrics import MetricsLogger
     from .packing import install_packed_attention
 
     if not isinstance(steps, int) or steps < 1:
@@ -131,6 +133,7 @@ def sft_on_scenes(model, out_dir, *, media, steps: int = 600, batch: int = 8, lr
         1 + np.cos(np.pi * min(s, steps) / steps)))
     data = _Stream(processor.tokenizer, mc, seed, width, height, fps, seconds)
     net.train()
+    metrics = MetricsLogger(out, tensorboard=False)
     t0, history, window = time.perf_counter(), [], []
     for step in range(1, steps + 1):
         loss, turns = _loss_and_turns(net, data.make(batch))
@@ -146,15 +149,17 @@ def sft_on_scenes(model, out_dir, *, media, steps: int = 600, batch: int = 8, lr
             rec = {"step": step, "loss": round(loss.item(), 4), "s": round(time.perf_counter() - t0, 1),
                    **{f"turn_{k}": round(float(v), 3) for k, v in zip(TURNS, acc)}}
             history.append(rec)
+            metrics.log(step, {k: v for k, v in rec.items() if k != "step"})
             log("scene SFT " + " ".join(f"{k} {v}" for k, v in rec.items()))
+    metrics.close()
     net.eval()
     net.save_pretrained(out)
     processor.save_pretrained(out)
     if (Path(model) / "videocom_tiny.json").exists():
         shutil.copy(Path(model) / "videocom_tiny.json", out / "videocom_tiny.json")
     write_contract(out, "sft", mc, generation={"max_new_tokens": 64, "max_rounds": 5}, frame_hw=(height, width))
-    info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "train_vision": train_vision, "train_merger": train_merger,
-            "train_s": round(time.perf_counter() - t0, 1), "history": history}
+    info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "train_vision": train_vision,
+            "train_merger": train_merger, "train_s": round(time.perf_counter() - t0, 1), "history": history}
     (out / "scene_sft.json").write_text(json.dumps(info, indent=1))
     return info
 

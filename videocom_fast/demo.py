@@ -35,33 +35,31 @@ def run_demo(out="runs/demo", *, fast: bool = False, num_samples: int | None = N
     from videocom_fast.training.perception import warm_up
     from videocom_fast.report import write_report
     from videocom_fast.training.grpo import GRPOConfig, run_grpo
-    from videocom_fast.training.sft import SFTConfig, run_sft
+    from videocom_fast.training.scenes import sft_on_scenes
     from videocom_fast.training.config import load_config as _load
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sft_yaml, grpo_yaml = CONFIGS / "sft_tiny.yaml", CONFIGS / "grpo_tiny.yaml"
     media = yaml.safe_load(sft_yaml.read_text())["media"]
-    n = num_samples or (24 if fast else 208)
+    n = num_samples or (24 if fast else 80)
     times = {}
 
-    t = _stage(f"1/5 synthesize {n} samples")
-    paths = synthesize(out / "data", num_samples=n, seed=seed, media_config=_media(media),
-                       num_eval=min(48, n // 4))
+    # The held-out samples and the GRPO prompts are real H.264 videos; SFT streams rendered episodes
+    # (training/scenes.py: encoding the thousands it needs would cost ~1 s each)
+    n_eval = min(48, n // 2)
+    t = _stage(f"1/5 synthesize {n} samples ({n_eval} held out)")
+    paths = synthesize(out / "data", num_samples=n, seed=seed, media_config=_media(media), num_eval=n_eval)
     times["synth_s"] = time.perf_counter() - t
 
-    t = _stage("2/5 perception warm-up of the vision tower and merger")
-    warm = warm_up("tiny", out / "perceive", media=media, steps=60 if fast else 400, seed=seed)
+    t = _stage("2/5 build the tiny Qwen2.5-VL and warm its vision tower + merger up on rendered scenes")
+    warm = warm_up("tiny", out / "perceive", media=media, steps=40 if fast else 300, seed=seed)
     times["perception_s"] = time.perf_counter() - t
     held = load_samples(paths["eval"], kind="grpo")
     pre = run_episodes(_engine(out / "perceive", media, max_rounds=5, max_new_tokens=64), held)[2]
 
-    t = _stage("3/5 SFT of the tiny Qwen2.5-VL, held-out accuracy and the blanked-media ablation")
-    sft_over = [f"model={out / 'perceive'}", f"data={paths['sft']}", f"output_dir={out / 'sft'}",
-                f"seed={seed}", "save_every=0"]
-    if fast:
-        sft_over += ["max_steps=30", "eval_every=0"]
-    sft = run_sft(_load(SFTConfig, sft_yaml, sft_over))
+    t = _stage("3/5 SFT on rendered episodes; held-out accuracy and the blanked-media ablation")
+    sft = sft_on_scenes(out / "perceive", out / "sft", media=media, steps=40 if fast else 600, seed=seed)
     times["sft_s"] = time.perf_counter() - t
     t = time.perf_counter()
     ablation = ablation_table(out / "sft", held, media)
@@ -88,8 +86,7 @@ def run_demo(out="runs/demo", *, fast: bool = False, num_samples: int | None = N
         "samples": n, "held_out": len(held), "perception_held_out": warm["held_out"],
         "eval_accuracy_before_sft": pre["accuracy_mean"],
         **{f"ablation_{k}_accuracy": v["accuracy_mean"] for k, v in ablation.items()},
-        "sft_first_loss": sft["losses"][0] if sft.get("losses") else None,
-        "sft_final_loss": sft["losses"][-1] if sft.get("losses") else None,
+        "sft_first_loss": sft["history"][0]["loss"], "sft_final_loss": sft["history"][-1]["loss"],
         "grpo_train_reward_first": _first(grpo, "reward_means"), "grpo_train_reward_last": _last(grpo, "reward_means"),
         "eval_reward_before_grpo": before["reward_mean"], "eval_reward_after_grpo": after["reward_mean"],
         "eval_accuracy_before_grpo": before["accuracy_mean"], "eval_accuracy_after_grpo": after["accuracy_mean"],

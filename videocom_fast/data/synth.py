@@ -2,11 +2,12 @@
 
     paths = synthesize("data/synth", num_samples=64, seed=0)   # dict(out_dir, sft, grpo, eval, videos)
 
-Each video (default 40 s at 8 fps: 4 segments): a textured background tinted per segment
+Each video (default 40 s at 4 fps: 4 segments): a textured background tinted per segment
 (SEGMENT_TINTS), 2-3 coloured shapes bouncing around, 4 fixed coloured slots (SLOT_COLOURS), and the
 Segment/Frame label of spec section 1 burned in (media.overlay). In ONE segment a small tag (a light square
-carrying a coloured letter or digit) sits in one slot for the whole segment. The question asks which
-character, or which colour, the tag showed; 4 options on one line. Each manipulation has a cue a tiny model
+carrying a coloured character, one of TAG_CHARS) sits in one slot for the whole segment. The question asks
+which character the tag showed (with colour_questions=True, half ask for its colour); 4 options on one line,
+the same for every question. Each manipulation has a cue a tiny model
 can perceive (issue 17, docs/vision_demo.md): the tint of the main-video frames showing the tag gives the
 segment, the slot's colour around the tag gives the zoom box (the whole slot), and the character is only
 large enough to read in the zoomed crop. Deterministic per seed (one numpy generator per sample, seeded
@@ -38,7 +39,7 @@ SFT sample (the reference's sft_dataset.py format, spec section 5):
       {"from": "human", "value": "<image>\\nContinue solving the question by focusing on the zoomed region.",
        "media": {"type": "image", "image": "frames/sample_0000_f0123.png", "frame": 123,
                  "bbox": [[X1, Y1, X2, Y2]]}},
-      {"from": "gpt",   "value": "<reasoning> FINAL_ANSWER: B. 7"}]}
+      {"from": "gpt",   "value": "The tag shows X, so FINAL_ANSWER: B. X"}]}
   - Rewatch media: the segment's time ranges (protocol.segment_time_ranges) and the frames that must be
     among the 16 sampled ones (1-based), exactly what ManipulationEnv.step would show.
   - Image media: "image" is the FULL frame (1-based "frame" number in the video); a zoom observation adds
@@ -49,7 +50,7 @@ SFT sample (the reference's sft_dataset.py format, spec section 5):
     NOTE: the reference loader rewrote str(bbox) of an image's "bbox" in the following gpt turn into
     resized coordinates; our texts are resized already and never contain the original-pixel box.
 GRPO / eval sample: {"id", "video", "conversations": [question turn (with segment_frame_list), {"from":
-    "gpt", "value": "B. 7"}], "valid_segments": [3], "valid_frames": [[121, 127]] (1-based inclusive),
+    "gpt", "value": "B. X"}], "valid_segments": [3], "valid_frames": [[121, 127]] (1-based inclusive),
     "valid_bounding_box": [[121, [x1, y1, x2, y2]], ...] (every frame showing the tag, original pixels),
     "answer": "B", "question_type": "character" | "colour"}.
 """
@@ -224,7 +225,7 @@ class SceneSource:
 # --- one sample -----------------------------------------------------------------------------------
 
 def _plan(index: int, seed: int, width: int, height: int, fps: int, seconds, image_hw, *,
-          shuffle_options: bool = False) -> dict:
+          shuffle_options: bool = False, colour_questions: bool = False) -> dict:
     """Everything random about sample `index`, drawn from its own generator (order-independent)."""
     rng = np.random.default_rng([seed, index])
     duration = int(rng.integers(seconds[0], seconds[1] + 1))
@@ -238,8 +239,9 @@ def _plan(index: int, seed: int, width: int, height: int, fps: int, seconds, ima
     sx1, sy1, sx2, sy2 = slot_boxes(width, height)[slot]
     x = int(rng.integers(sx1, sx2 - tag + 1))
     y = int(rng.integers(sy1, sy2 - tag + 1))
-    qtype = "character" if rng.random() < 0.5 else "colour"
-    # the tag's character and colour are independent; the question asks for one of them
+    # the tag's character and colour are independent; the question asks for its character (only the zoom
+    # shows it: the colour is readable in the FIND_FRAME image already), or with colour_questions for either
+    qtype = "character" if rng.random() < 0.5 or not colour_questions else "colour"
     char, colour = str(rng.choice(list(TAG_CHARS))), str(rng.choice(TAG_COLOURS))
     options = list(TAG_CHARS) if qtype == "character" else list(TAG_COLOURS)
     if shuffle_options:
@@ -322,7 +324,7 @@ def _sft_record(r: dict, fps: int, image_hw, width: int, height: int) -> dict:
     (t0, t1), = protocol.segment_time_ranges(p["n"], fps, [s])
     crop = resized_box_to_original(p["zoom"], image_hw, (height, width))
     x1, y1, x2, y2 = p["zoom"]
-    seen = f"the character {p['char']}" if p["qtype"] == "character" else f"a {p['colour']} character"
+    seen = p["char"] if p["qtype"] == "character" else p["colour"]    # the same words for both types
     # NOTE: ", so ACTION" and never ". ACTION": with ". FINAL_ANSWER" in the same round, a tiny model's
     # induction copies " FINAL" after the answer's "C." ("FINAL_ANSWER: C. FINAL_ANSWER: B. 9"); with it, the
     # only "." in assistant text is the answer's, followed by the option (docs/sft_curve.md)
@@ -364,7 +366,8 @@ def _single_threaded_worker() -> None:
 
 def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h264", width: int = 320,
                height: int = 192, fps: int = 4, seconds=(40, 40), media_config=None,
-               workers: int | None = None, num_eval: int | None = None, shuffle_options: bool = False) -> dict:
+               workers: int | None = None, num_eval: int | None = None, shuffle_options: bool = False,
+               colour_questions: bool = False) -> dict:
     """Write the dataset under `out_dir`; returns dict(out_dir, sft, grpo, eval, videos) of paths.
     The last `num_eval` samples (default max(1, num_samples // 8)) are held out in eval.json."""
     from ..env import MediaConfig
@@ -389,8 +392,8 @@ def synthesize(out_dir, num_samples: int = 64, seed: int = 0, *, codec: str = "h
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "frames").mkdir(parents=True, exist_ok=True)
-    plans = [_plan(i, seed, width, height, fps, (lo, hi), image_hw, shuffle_options=shuffle_options)
-             for i in range(num_samples)]
+    plans = [_plan(i, seed, width, height, fps, (lo, hi), image_hw, shuffle_options=shuffle_options,
+                   colour_questions=colour_questions) for i in range(num_samples)]
     workers = workers if workers is not None else min(2, os.cpu_count() or 1, num_samples)
     # NOTE: one encoder thread always: multi-threaded x264 makes different (valid) choices per core count
     jobs = [(p, str(out), width, height, fps, codec, 1) for p in plans]
@@ -439,5 +442,7 @@ def _remove_stale(out: Path, written: set) -> None:
                 f.unlink()
 
 
-__all__ = ["synthesize", "Scene", "SceneSource", "TAG_CHARS", "TAG_COLOURS", "slot_boxes", "tag_patch", "INSTRUCTIONS", "CHARS", "COLOURS", "SEGMENT_TINTS",
-           "SLOT_COLOURS"]
+__all__ = [
+    "synthesize", "Scene", "SceneSource", "TAG_CHARS", "TAG_COLOURS", "slot_boxes", "tag_patch",
+    "INSTRUCTIONS", "CHARS", "COLOURS", "SEGMENT_TINTS", "SLOT_COLOURS"
+]
