@@ -97,17 +97,19 @@ def test_the_seeing_model_answers_from_its_observations(tmp_path):
     from videocom_fast.data import load_samples, synthesize
 
     media = json.loads((SEEING / "media.json").read_text())["media"]
-    # fresh held-out videos: synthesize's seeds never meet the SFT stream (training/scenes.STREAM_SEED)
-    paths = synthesize(tmp_path, num_samples=25, num_eval=24, seed=int(np.random.default_rng().integers(2**20)),
-                       media_config=_media(media))
+    # held-out videos: synthesize's seeds never meet the SFT stream (training/scenes.STREAM_SEED); a fixed
+    # seed, so the thresholds below hold for one known set (32 samples: the spread of a random set is ~0.09)
+    paths = synthesize(tmp_path, num_samples=33, num_eval=32, seed=17, media_config=_media(media))
     held = load_samples(paths["eval"], kind="grpo")
     tab = ablation_table(SEEING, held, media)
     acc = {k: v["accuracy_mean"] for k, v in tab.items()}
-    # chance is 0.25 (4 options, fixed order: the text says nothing about the answer)
+    # chance is 0.25 (4 options, fixed order: the text says nothing about the answer). Seen on these 32:
+    # 0.656 real, 0.125 all observations black, 0.188 zoom crops black; precision 0.91 / 0.94 / 0.94
+    prec = {k: tab["full"][f"precision_{k}"] for k in ("segment", "frame", "zoom")}
     assert acc["full"] >= 0.5, acc
-    assert acc["full"] - acc["blank_all"] >= 0.2, acc
-    assert acc["full"] - acc["blank_zoom"] >= 0.15, acc
-    assert tab["full"]["precision_segment"] >= 0.5 and tab["full"]["precision_zoom"] >= 0.5, tab["full"]
+    assert acc["full"] - acc["blank_all"] >= 0.3, acc
+    assert acc["full"] - acc["blank_zoom"] >= 0.25, acc
+    assert min(prec.values()) >= 0.7, prec
 
 
 def _media(d: dict):
