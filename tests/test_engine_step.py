@@ -128,3 +128,21 @@ def test_cpu_layers_equal_the_generic_layer_loop_bit_for_bit(tiny_dir, dtype):
             d = fwd._layer(i, r, d, cos, sin, slots, meta)
         want = fused_step.add_rms_norm(r, d, fwd.w.norm, fwd.w.norm_eps)
     assert fused_step.use_cpp(x) and torch.equal(got, want)
+
+
+def test_fused_weights_are_released_when_generate_returns(model32, rollout_samples):
+    """The concatenated QKV / gate-up copy (8.5 GB at 7B, docs/memory_7b.md) exists only while generate runs."""
+    model, proc = model32
+    lm = modeling.inner(model).language_model
+    samples = rollout_samples[:1]
+    eng = _engine(model, proc, samples)
+    seen = []
+    step = eng._step
+
+    def spy(out):
+        seen.append(lm in packed_forward._FUSED)
+        return step(out)
+    eng._step = spy
+    eng.generate(samples, num_generations=2, seed=0)
+    assert seen and all(seen)                    # the lean step ran on the fused weights
+    assert lm not in packed_forward._FUSED       # and they were dropped when generate returned

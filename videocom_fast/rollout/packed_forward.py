@@ -77,8 +77,9 @@ class FusedWeights:
     Built once per language model and kept while its parameters are unchanged: `key` is every source
     parameter's (`_version`, data_ptr), so an optimizer step (in-place update: the version moves), a
     `load_state_dict` (copy_: same) or a `param.data = ...` swap (the pointer moves) makes `fused_weights`
-    rebuild them. NOTE: the concatenated copies cost one more copy of the q/k/v and gate/up weights (about
-    8.5 GB for a 7B model in bf16); the memory plan must count it while an engine is alive.
+    rebuild them. NOTE: the concatenated copies cost one more copy of the q/k/v and gate/up weights (8.5 GB for
+    Qwen2.5-VL-7B in bf16): they live only while a `generate` runs (`release_fused_weights`), and
+    docs/memory_7b.md counts them in the rollout phase.
     """
 
     def __init__(self, lm, key):
@@ -125,6 +126,12 @@ def fused_weights(lm) -> FusedWeights:
     if fw is None or fw.key != key:
         fw = _FUSED[lm] = FusedWeights(lm, key)
     return fw
+
+
+def release_fused_weights(lm) -> None:
+    """Drop the language model's fused weights (the engine does at the end of `generate`: with full fine-tuning
+    the next optimizer step invalidates them anyway, and at 7B they are ~8.5 GB the update needs)."""
+    _FUSED.pop(lm, None)
 
 
 def _linear(x, w_t, b):
