@@ -280,7 +280,7 @@ class RolloutEngine(EngineStep):
                           prefix_tokens_shared=0, kv_reuse_tokens=0, visual_tokens=0, vision_tokens_encoded=0,
                           vision_cache_hits=0, vision_cache_misses=0, wall_s=0.0, model_s=0.0, vision_s=0.0,
                           env_s=0.0, env_wait_s=0.0, steps=0, preemptions=0, kv_budget_finishes=0, rounds=0,
-                          attention=attn.LABELS[self.attn_backend], kv_pool_blocks=self.pool.num_blocks,
+                          attention=attn.LABELS[self.attn_backend], kv_pool_blocks=self.sched_config.num_blocks,
                           kv_pool_bytes=self.pool.nbytes, block_size=self.pool.block_size)
         t0 = time.perf_counter()
         self.packed = self._packed_forward()
@@ -320,10 +320,12 @@ class RolloutEngine(EngineStep):
             held = self.pool.nbytes if self.pool is not None else 0
             tokens = max(bs, envs.kv_cache_bytes(self.device, held_bytes=held) // per_token)
         num_blocks = -(-tokens // bs)
-        if self.pool is None or self.pool.num_blocks != num_blocks:
+        scratch = 1 if self.PAD_DECODES else 0    # padded decode rows' block, never the scheduler's (engine_step)
+        if self.pool is None or self.pool.num_blocks != num_blocks + scratch:
             self.pool = None    # NOTE: the old pool is freed before the new one is allocated
-            self.pool = PagedKVPool(layers, num_blocks, bs, hkv, hd, dtype=self.dtype, device=self.device,
+            self.pool = PagedKVPool(layers, num_blocks + scratch, bs, hkv, hd, dtype=self.dtype, device=self.device,
                                     layout=self._pool_layout)
+        self._scratch_block = num_blocks if scratch else None
         self.sched_config = dataclasses.replace(self.sched_config, num_blocks=num_blocks)
 
     def _packed_forward(self):

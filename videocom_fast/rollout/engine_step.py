@@ -29,8 +29,13 @@ class EngineStep:
     # `step_impl = "unfused"` runs the previous step (op by op, per-tensor uploads): bench_engine_step's baseline.
     step_impl = "lean"
     # CUDA graphs for decode-only steps: OFF until `make gpu-check` has validated capture on a GPU (see
-    # `decode_bucket`); nothing reads it yet.
+    # `decode_bucket`); nothing reads it yet. PAD_DECODES (the shapes a capture needs, testable without a GPU):
+    # a decode-only step of n sequences runs decode_bucket(n) rows; the padded rows are decodes of token 0 at
+    # position 0 whose K/V go to a SCRATCH block (one block past the scheduler's, allocated only then) and
+    # whose attention reads only that block; no padded row is sampled. Off by default: on the CPU padding is
+    # pure extra work.
     CUDA_GRAPHS = False
+    PAD_DECODES = False
     DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
     @classmethod
@@ -40,6 +45,22 @@ class EngineStep:
             if n <= b:
                 return b
         return n
+
+    def _pad_decodes(self, rows) -> None:
+        """Pad a decode-only step's host lists (`_chunk_rows`' tuple, in place) up to its decode bucket."""
+        ids, slots, q_starts, q_lens, ctx, tables, _, dec_rows, dec_pos, pre = rows
+        n = len(ids)
+        if pre or n != len(q_starts):
+            return
+        k, scratch = self.decode_bucket(n) - n, self._scratch_block
+        ids += [0] * k
+        slots += [scratch * self.pool.block_size] * k   # every padded row writes the scratch block's row 0
+        q_starts += range(n, n + k)
+        q_lens += [1] * k
+        ctx += [1] * k                                  # ... and attends to that one row
+        tables += [[scratch]] * k
+        dec_rows += range(n, n + k)
+        dec_pos += [0] * k
 
     def _chunk_rows(self, chunks):
         """Host lists of a step: token ids, KV slots, per-chunk query starts / lengths / context lengths / block
@@ -80,7 +101,10 @@ class EngineStep:
         if self.step_impl == "unfused":
             return self._step_unfused(out)
         chunks = out.scheduled
-        ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre = self._chunk_rows(chunks)
+        rows = self._chunk_rows(chunks)
+        if self.PAD_DECODES:
+            self._pad_decodes(rows)
+        ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre = rows
         sampling = [(c, q_starts[i] + c.num_tokens - 1) for i, c in enumerate(chunks) if c.samples]
         meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
         if meta.cpp_chunks:
