@@ -295,8 +295,8 @@ class RolloutEngine(EngineStep):
             self.model.set_attn_implementation({"text_config": prev_attn})
             self.workers = None
             # the fused (concatenated) weights are a copy: not held between rollouts (docs/memory_7b.md)
-            self.packed = None
-            packed_forward.release_fused_weights(modeling.inner(self.model).language_model)
+            if self.packed is not None:
+                self.packed.release()
         st = self.stats
         st["wall_s"] = time.perf_counter() - t0
         st["prefill_tokens_saved"] = st["prefix_tokens_shared"] + st["kv_reuse_tokens"]

@@ -177,6 +177,11 @@ class PackedForward:
         self._sel_dev = self.sel.to(dev)            # moved once, not per step
         self._inv = rot.inv_freq.to(dtype=torch.float32)
 
+    def release(self) -> None:
+        """Drop the fused weights (the copy) until the next call."""
+        self.w = None
+        release_fused_weights(self.lm)
+
     def rope_half(self, pos_3L: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (L, Dh/2) in `dtype`: the same float32 products as transformers' rotary module."""
         p = pos_3L.t().index_select(1, self._sel_dev).float()     # (L, Dh/2), contiguous
@@ -206,6 +211,8 @@ class PackedForward:
                  paged: attn.PagedBatch) -> torch.Tensor:
         if not self.fused:
             return self._unfused(x_LD, pos_3L, slots_L, paged)
+        if self.w is None:   # released after an earlier generate: re-read the model's current weights
+            self.w = fused_weights(self.lm)
         cos, sin = self.rope_half(pos_3L, x_LD.dtype)
         x, d = x_LD.clone(), None        # x: the residual stream, updated in place by each add+norm
         if fused.use_cpp(x) and paged.pool.layout == "k_transposed":
