@@ -11,7 +11,10 @@ Both engines run the same workload with the same weights and seeds; the only dif
 SiLU*mul kernels, one staging upload and one download per step) or "unfused" (the previous step, op by op;
 the baseline). Per step: ms inside `_step` (mean over every step of one generate, after one untimed warm-up
 generate, and over its decode-only steps: the host-bound ones), kernel-launching aten ops per step and per decoder layer (tests/helpers_op_count.py's dispatch mode,
-counted on one separate generate), and the fraction of generate's wall time outside `_step` + vision.
+counted on one separate generate), the fraction of generate's wall time outside `_step` + vision, and the
+step's split into heavy arithmetic (matmuls + paged attention, the same kernels on the same shapes in both
+implementations) and host overhead (the rest: what stays on the host when a GPU does the arithmetic), timed on
+another separate generate.
 Run: OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -m pytest bench/bench_engine_step.py --benchmark-only -o python_files="bench_*.py" -s
 """
 from __future__ import annotations
@@ -77,6 +80,46 @@ class _StepTimer:
         del self.eng._step
 
 
+class _HeavyKernelTimer:
+    """Wall time inside the step's heavy arithmetic: the matmuls (torch.mm / addmm / F.linear: projections and
+    lm_head) and the paged-attention kernel. Both step implementations run exactly these kernels on the same
+    shapes, so step time minus this time is the step's HOST OVERHEAD (dispatch, small ops, metadata, sampling,
+    bookkeeping): the part that stays on the host when a GPU runs the arithmetic. The wrappers cost ~1 us a call,
+    so this runs on a separate generate."""
+
+    def __init__(self):
+        from videocom_fast import _C
+        import torch.nn.functional as F
+        self.targets = [(torch, "mm"), (torch, "addmm"), (F, "linear"), (_C, "paged_attention")]
+        self.seconds = 0.0
+
+    def _wrap(self, fn):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t
+        return timed
+
+    def __enter__(self):
+        self.saved = [(mod, name, getattr(mod, name)) for mod, name in self.targets]
+        for mod, name, fn in self.saved:
+            setattr(mod, name, self._wrap(fn))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in self.saved:
+            setattr(mod, name, fn)
+
+
+def _heavy_ms_per_step(eng, run) -> tuple[float, float]:
+    """(heavy-kernel ms per step, step ms per step) measured together on one generate."""
+    with _HeavyKernelTimer() as kt, _StepTimer(eng) as st:
+        run()
+    return 1e3 * kt.seconds / st.steps, 1e3 * st.seconds / st.steps
+
+
 def _ops_per_step(eng, run) -> float:
     from helpers_op_count import KernelOpCounter
     with KernelOpCounter() as counter, _StepTimer(eng) as st:
@@ -101,9 +144,11 @@ def _run(benchmark, setup, impl: str) -> None:
     benchmark.pedantic(timed_run, rounds=1, warmup_rounds=1)
     st, stats = timer["st"], eng.stats
     ops = _ops_per_step(eng, run)
+    heavy_ms, step_ms_wrapped = _heavy_ms_per_step(eng, run)
     info = dict(host_ms_per_step=1e3 * st.seconds / st.steps, steps=st.steps, ops_per_step=ops,
                 decode_ms_per_step=1e3 * st.decode_seconds / max(st.decode_steps, 1), decode_steps=st.decode_steps,
                 ops_per_layer=ops / LAYERS, generated_tokens=stats["generated_tokens"],
+                heavy_ms_per_step=heavy_ms, overhead_ms_per_step=step_ms_wrapped - heavy_ms,
                 outside_step_frac=1.0 - (st.seconds + stats["vision_s"]) / stats["wall_s"],
                 outside_model_frac=stats["outside_model_frac"],
                 role="baseline" if impl == "unfused" else "candidate")
@@ -129,11 +174,11 @@ def _table():
     print(f"\n\nengine step, {LAYERS}-layer tiny Qwen2.5-VL fp32 on the CPU, {PROMPTS} prompts x G={G}, "
           f"{ROUNDS} rounds <= {NEW} tokens")
     print(f"{'step':10} {'ms/step':>8} {'steps':>6} {'decode ms/step':>14} {'decode steps':>12} {'ops/step':>9} "
-          f"{'ops/layer':>9} {'outside step':>12}")
+          f"{'ops/layer':>9} {'outside step':>12} {'matmul+attn ms':>14} {'overhead ms':>11}")
     for name, r in _rows.items():
         print(f"{name:10} {r['host_ms_per_step']:8.2f} {r['steps']:6d} {r['decode_ms_per_step']:14.2f} "
               f"{r['decode_steps']:12d} {r['ops_per_step']:9.0f} {r['ops_per_layer']:9.1f} "
-              f"{100 * r['outside_step_frac']:11.1f}%")
+              f"{100 * r['outside_step_frac']:11.1f}% {r['heavy_ms_per_step']:14.2f} {r['overhead_ms_per_step']:11.2f}")
     if {"lean", "unfused"} <= set(_rows):
-        for key in ("host_ms_per_step", "decode_ms_per_step"):
+        for key in ("host_ms_per_step", "decode_ms_per_step", "overhead_ms_per_step"):
             print(f"lean / unfused {key}: {_rows['lean'][key] / _rows['unfused'][key]:.3f}")

@@ -7,7 +7,7 @@ it is a device-to-host copy and a sync. The C++ CPU kernels are called through n
 dispatch mode sees, so the counter also wraps each kernel of `videocom_fast._C` (module attributes, looked
 up at call time by their callers) and counts its calls.
 
-Per decoder layer: `PackedForward._layer` calls are wrapped too, so `layer_ops / layer_calls` is the number
+Per decoder layer: `PackedForward._layer` and `_layer_cpu` calls are wrapped too, so `layer_ops / layer_calls` is the number
 of kernels one layer issued, exactly, on the real step; `total` counts everything (step metadata, embedding,
 the final norm, the head, sampling).
 """
@@ -79,19 +79,21 @@ class KernelOpCounter(TorchDispatchMode):
                 finally:
                     self._in_attend -= 1
             self._patch(attention, "attend", one_attend)
-        layer = pf.PackedForward.__dict__.get("_layer")
-        if layer is not None:
-            counter = self
-
-            def counted_layer(fwd, *a, **k):
-                counter.layer_calls += 1
-                counter._in_layer += 1
-                try:
-                    return layer(fwd, *a, **k)
-                finally:
-                    counter._in_layer -= 1
-            self._patch(pf.PackedForward, "_layer", counted_layer)
+        for name in ("_layer", "_layer_cpu"):   # the generic layer and the CPU one (packed_forward._layers_cpu)
+            layer = pf.PackedForward.__dict__.get(name)
+            if layer is not None:
+                self._patch(pf.PackedForward, name, self._counting_layer(layer))
         return super().__enter__()
+
+    def _counting_layer(self, layer):
+        def counted_layer(fwd, *a, **k):
+            self.layer_calls += 1
+            self._in_layer += 1
+            try:
+                return layer(fwd, *a, **k)
+            finally:
+                self._in_layer -= 1
+        return counted_layer
 
     def __exit__(self, *exc):
         try:

@@ -98,3 +98,51 @@ def test_fused_weights_are_rebuilt_after_a_weight_update(model32):
     assert fw3 is not fw2
     F = up.weight.shape[0]
     assert torch.equal(fw3.layers[1]["wgu_t"].t()[F:], up.weight.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_layers_equal_the_generic_layer_loop_bit_for_bit(tiny_dir, dtype):
+    """PackedForward's CPU path (`_layers_cpu`: buffers and numpy views made once per forward) runs `_layer`'s
+    kernels on the same values: its output must be bit-equal to the generic per-layer loop."""
+    from videocom_fast.rollout import attention as attn, fused_step, packed_forward
+    from videocom_fast.rollout.kv_cache import PagedKVPool
+    if not attn.cpp_available("cpu", dtype):
+        pytest.skip("C++ extension not built")
+    model, _ = load(tiny_dir, dtype=dtype)
+    tc = modeling.inner(model).language_model.config
+    bs, lens = 16, [23, 1, 40]
+    pool = PagedKVPool(tc.num_hidden_layers, 16, bs, tc.num_key_value_heads, tc.hidden_size // tc.num_attention_heads,
+                       dtype=dtype, layout="k_transposed")
+    tables = [[0, 1], [2], [5, 3, 4]]
+    slots = torch.tensor([t[p // bs] * bs + p % bs for t, n in zip(tables, lens) for p in range(n)])
+    starts = [0, lens[0], lens[0] + lens[1]]
+    meta = attn.PagedBatch(pool, starts, lens, lens, tables, backend="cpp")
+    x = torch.randn(sum(lens), tc.hidden_size, dtype=dtype)
+    pos = torch.arange(sum(lens)).expand(3, -1).contiguous()
+    fwd = packed_forward.PackedForward(model)
+    with torch.no_grad():
+        got = fwd(x, pos, slots, meta)
+        cos, sin = fwd.rope_half(pos, dtype)
+        r, d = x.clone(), None
+        for i in range(tc.num_hidden_layers):
+            d = fwd._layer(i, r, d, cos, sin, slots, meta)
+        want = fused_step.add_rms_norm(r, d, fwd.w.norm, fwd.w.norm_eps)
+    assert fused_step.use_cpp(x) and torch.equal(got, want)
+
+
+def test_fused_weights_are_released_when_generate_returns(model32, rollout_samples):
+    """The concatenated QKV / gate-up copy (8.5 GB at 7B, docs/memory_7b.md) exists only while generate runs."""
+    model, proc = model32
+    lm = modeling.inner(model).language_model
+    samples = rollout_samples[:1]
+    eng = _engine(model, proc, samples)
+    seen = []
+    step = eng._step
+
+    def spy(out):
+        seen.append(lm in packed_forward._FUSED)
+        return step(out)
+    eng._step = spy
+    eng.generate(samples, num_generations=2, seed=0)
+    assert seen and all(seen)                    # the lean step ran on the fused weights
+    assert lm not in packed_forward._FUSED       # and they were dropped when generate returned

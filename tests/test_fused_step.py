@@ -60,7 +60,11 @@ def test_silu_mul_within_twice_the_plain_error():
         ref = F.silu_mul_ref(gu.double())
         plain = _err(F.silu_mul_ref(gu), ref)
         got = F.silu_mul(gu)
-        assert _err(got, ref) <= 2 * plain + 1e-12, (L, Fw, _err(got, ref), plain)
+        # floor: one float32 ulp of the largest output. The 2x rule compares error distributions; a 1-element
+        # tensor's error is ONE rounding draw, and the plain one can land at 0.01 ulp by luck (measured: 7 of 1,200
+        # draws of the (1, 1) case failed without the floor, all within 1.1 ulp; the larger shapes never did)
+        ulp = torch.finfo(gu.dtype).eps * ref.abs().max().item()
+        assert _err(got, ref) <= 2 * plain + ulp + 1e-12, (L, Fw, _err(got, ref), plain)
 
 
 def test_bad_buffers_are_named():

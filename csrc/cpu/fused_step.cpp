@@ -10,8 +10,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>   // std::optional
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "check.h"
 #include "fused_step.h"
@@ -89,6 +93,43 @@ void fused_rotary(py::array& x, const py::array& cos, const py::array& sin, int6
   else rotary_typed<float>(x, cos, sin, head_dim);
 }
 
+// float32 SiLU * up over one row. libm's scalar expf made this the step's costliest small kernel (measured 24 us
+// per 32 x 256 decode layer, ~0.8 ms per 1,069-row prefill layer: ~3 ns an element, slower than ATen's two
+// vectorized kernels). With AVX-512 the row runs exp_neg.h's polynomial exp (exp_f32) (Cephes' expf, ~1 ulp), which the
+// compiler vectorizes: 8,192 elements in 3.7 us instead of 27-29 us, measured on this machine's EPYC. The same
+// polynomial compiled for AVX2 or SSE2 ran at 26-41 us (GCC 12 left part of it scalar), so other CPUs keep libm.
+// Same formula as vcf::silu_mul, g / (1 + exp(-g)) * u; exp's ~1 ulp (and FMA contraction in the AVX-512 copy)
+// make it differ from libm's by about an ulp: the test holds it to 2x the plain implementation's error.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VCF_SILU_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw")
+namespace silu_avx512 {
+#include "exp_neg.h"   // exp_f32(float), compiled here for AVX-512
+
+void row(const float* __restrict g, const float* __restrict u, float* __restrict o, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) o[f] = g[f] / (1.0f + exp_f32(-g[f])) * u[f];
+}
+}  // namespace silu_avx512
+#pragma GCC pop_options
+
+bool has_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  }();
+  return yes;
+}
+#endif
+
+void silu_mul_row_f32(const float* g, const float* u, float* o, int64_t n) {
+#ifdef VCF_SILU_AVX512
+  if (has_avx512()) return silu_avx512::row(g, u, o, n);
+#endif
+  for (int64_t f = 0; f < n; ++f) o[f] = vcf::silu_mul<float>(g[f], u[f]);
+}
+
 template <typename T>
 void silu_mul_typed(const py::array& gu, py::array& out) {
   const int64_t L = gu.shape(0), F = gu.shape(1) / 2;
@@ -100,7 +141,11 @@ void silu_mul_typed(const py::array& gu, py::array& out) {
   for (int64_t i = 0; i < L; ++i) {
     const T* g = gp + i * sg;
     T* o = op + i * so;
-    for (int64_t f = 0; f < F; ++f) o[f] = vcf::silu_mul<T>(g[f], g[F + f]);
+    if constexpr (std::is_same_v<T, float>) {
+      silu_mul_row_f32(g, g + F, o, F);
+    } else {
+      for (int64_t f = 0; f < F; ++f) o[f] = vcf::silu_mul<T>(g[f], g[F + f]);
+    }
   }
 }
 

@@ -9,8 +9,13 @@
 // exp for float32 scores (inputs <= 0 after subtracting the row max): Cephes' expf polynomial, written so
 // that the loop over a row of scores vectorises (no libm call); relative error ~1 ulp. float64 keeps
 // std::exp: the fp64 path exists to compare against the naive loop, where accuracy is the point.
-inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
+inline float exp_clamped(float x);
+inline float exp_neg(float x) { return exp_clamped(std::max(x, -87.0f)); }
+// exp of any float32 (SiLU's exp(-g)), saturating at e^-87 and e^88 (libm: ~0 and inf there).
+inline float exp_f32(float x) { return exp_clamped(std::min(std::max(x, -87.0f), 88.0f)); }
+
+// The polynomial, for x in [-87, 88] (2^n stays a normal float).
+inline float exp_clamped(float x) {
   const float magic = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
   const float t = x * 1.44269504088896341f + magic;
   const float n = t - magic;

@@ -58,9 +58,10 @@ from ..mrope import MRopeCursor
 from ..protocol import parse_action
 from . import attention as attn
 from . import packed_forward
-from .kv_cache import PagedKVPool, StepCache
+from .engine_step import EngineStep
+from .kv_cache import PagedKVPool
 from .media_inputs import preprocess_items
-from .sampling import SamplingParams, counter_uniforms, rollout_key, sample
+from .sampling import SamplingParams, rollout_key
 from .scheduler import SchedulerConfig, make_scheduler
 from .stopping import action_line_done, has_answer, has_line_break
 from .trajectory import Trajectory
@@ -182,7 +183,7 @@ def positions_for(cursor: MRopeCursor, ids: list[int], media: list, image_pad: i
 # --- the engine -------------------------------------------------------------------------------------------
 
 
-class RolloutEngine:
+class RolloutEngine(EngineStep):
     """KV memory: the paged pool is allocated when `generate` starts, sized from `kv_budget_tokens` or, when
     that is None, the byte budget `envs.kv_cache_bytes` read THEN (VIDEOCOM_KV_CACHE_MB; on CUDA 40% of the
     memory free at that moment, so what training freed counts), and dropped when `generate` returns: between
@@ -279,7 +280,7 @@ class RolloutEngine:
                           prefix_tokens_shared=0, kv_reuse_tokens=0, visual_tokens=0, vision_tokens_encoded=0,
                           vision_cache_hits=0, vision_cache_misses=0, wall_s=0.0, model_s=0.0, vision_s=0.0,
                           env_s=0.0, env_wait_s=0.0, steps=0, preemptions=0, kv_budget_finishes=0, rounds=0,
-                          attention=attn.LABELS[self.attn_backend], kv_pool_blocks=self.pool.num_blocks,
+                          attention=attn.LABELS[self.attn_backend], kv_pool_blocks=self.sched_config.num_blocks,
                           kv_pool_bytes=self.pool.nbytes, block_size=self.pool.block_size)
         t0 = time.perf_counter()
         self.packed = self._packed_forward()
@@ -293,6 +294,9 @@ class RolloutEngine:
         finally:
             self.model.set_attn_implementation({"text_config": prev_attn})
             self.workers = None
+            # the fused (concatenated) weights are a copy: not held between rollouts (docs/memory_7b.md)
+            if self.packed is not None:
+                self.packed.release()
         st = self.stats
         st["wall_s"] = time.perf_counter() - t0
         st["prefill_tokens_saved"] = st["prefix_tokens_shared"] + st["kv_reuse_tokens"]
@@ -316,10 +320,12 @@ class RolloutEngine:
             held = self.pool.nbytes if self.pool is not None else 0
             tokens = max(bs, envs.kv_cache_bytes(self.device, held_bytes=held) // per_token)
         num_blocks = -(-tokens // bs)
-        if self.pool is None or self.pool.num_blocks != num_blocks:
+        scratch = 1 if self.PAD_DECODES else 0    # padded decode rows' block, never the scheduler's (engine_step)
+        if self.pool is None or self.pool.num_blocks != num_blocks + scratch:
             self.pool = None    # NOTE: the old pool is freed before the new one is allocated
-            self.pool = PagedKVPool(layers, num_blocks, bs, hkv, hd, dtype=self.dtype, device=self.device,
+            self.pool = PagedKVPool(layers, num_blocks + scratch, bs, hkv, hd, dtype=self.dtype, device=self.device,
                                     layout=self._pool_layout)
+        self._scratch_block = num_blocks if scratch else None
         self.sched_config = dataclasses.replace(self.sched_config, num_blocks=num_blocks)
 
     def _packed_forward(self):
@@ -530,252 +536,6 @@ class RolloutEngine:
         if n:
             self.sched.append_tokens(s.sid, n)
             s.known += n
-
-    # --- one engine step --------------------------------------------------------------------------------
-    # The lean step (issue 16): all host bookkeeping first (scheduler updates, forks, who samples, their uniforms
-    # and scripted tokens), then ONE upload of the step's metadata from a staging buffer (pinned when CUDA is
-    # available; non-blocking), the forward with no host reads of device values (packed_forward.py: 10 kernels
-    # per layer), the sampler on the device, and ONE download of the sampled ids with their log-probs.
-    # `step_impl = "unfused"` runs the previous step (op by op, per-tensor uploads): bench_engine_step's baseline.
-    step_impl = "lean"
-    # CUDA graphs for decode-only steps: OFF until `make gpu-check` has validated capture on a GPU (see
-    # `decode_bucket`); nothing reads it yet.
-    CUDA_GRAPHS = False
-    DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
-
-    @classmethod
-    def decode_bucket(cls, n: int) -> int:
-        """The padded batch size of a decode-only step of n sequences (the shape a captured graph would have)."""
-        for b in cls.DECODE_BUCKETS:
-            if n <= b:
-                return b
-        return n
-
-    def _chunk_rows(self, chunks):
-        """Host lists of a step: token ids, KV slots, per-chunk query starts / lengths / context lengths / block
-        tables, media rows (row, n, embeds, first embed row), decode rows and positions, prefill position views."""
-        bs = self.pool.block_size
-        ids, slots, q_starts, q_lens, ctx, tables, media_rows = [], [], [], [], [], [], []
-        dec_rows, dec_pos, pre = [], [], []   # decodes: (row, text position); prefills: (row, (3, n) view)
-        seqs = self.seqs
-        for c in chunks:
-            s = seqs[c.seq_id]
-            a, n = c.start, c.num_tokens
-            row = len(ids)
-            q_starts.append(row)
-            t = c.block_ids
-            if not c.is_prefill:   # one text token: the one sampled last step
-                ids.append(s.tokens[a])
-                dec_rows.append(row)
-                dec_pos.append(s.text_position(a))
-                slots.append(t[a // bs] * bs + a % bs)
-            else:
-                b = a + n
-                s.flush_pos()
-                ids.extend(s.tokens[a:b])
-                pre.append((row, s._pos_np[:, a:b]))
-                slots.extend(t[p // bs] * bs + p % bs for p in range(a, b))
-                for blk in s.blocks:
-                    lo, hi = max(a, blk.offset), min(b, blk.offset + blk.embeds.shape[0])
-                    if lo < hi:
-                        media_rows.append((row + lo - a, hi - lo, blk.embeds, lo - blk.offset))
-            q_lens.append(n)
-            ctx.append(a + n)
-            tables.append(t)
-        self.stats["decode_tokens"] += len(dec_rows)
-        self.stats["prefill_tokens"] += len(ids) - len(dec_rows)
-        return ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre
-
-    def _step(self, out) -> None:
-        if self.step_impl == "unfused":
-            return self._step_unfused(out)
-        chunks = out.scheduled
-        ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre = self._chunk_rows(chunks)
-        sampling = [(c, q_starts[i] + c.num_tokens - 1) for i, c in enumerate(chunks) if c.samples]
-        meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
-        if meta.cpp_chunks:
-            meta.cpp_meta()   # NOTE: read the block tables now, before the scheduler's updates and forks below
-        for c in chunks:
-            self.sched.update(c.seq_id, c.num_tokens)
-        who, who_rows, copies = self._forks(sampling)
-        L, N, W = len(ids), len(sampling), len(who)
-        forced = self._forced_tokens(who) if self.forced_rounds is not None and W else None
-        greedy = self.params.greedy
-
-        # host staging: [ids L | positions 3L | slots L | head rows N | logit rows W | forced W | uniforms W]
-        host_t, buf = self._staging(5 * L + N + 3 * W)
-        o_pos, o_slot, o_rows, o_who, o_forced, o_u = L, 4 * L, 5 * L, 5 * L + N, 5 * L + N + W, 5 * L + N + 2 * W
-        buf[:L] = ids
-        pos = buf[o_pos:o_slot].reshape(3, L)
-        if dec_rows:
-            pos[:, dec_rows] = dec_pos
-        for row, p in pre:
-            pos[:, row:row + p.shape[1]] = p
-        buf[o_slot:o_rows] = slots
-        buf[o_rows:o_who] = [r for _, r in sampling]
-        buf[o_who:o_forced] = who_rows
-        buf[o_forced:o_u] = forced if forced is not None else -1
-        if W and not greedy:   # counter-based: the draw of token i of a rollout is a function of (key, i)
-            buf[o_u:o_u + W].view(np.float64)[:] = counter_uniforms(
-                np.fromiter((s.key for s in who), dtype=np.uint64, count=W),
-                np.fromiter((len(s.tokens) for s in who), dtype=np.uint64, count=W))
-        dev = self._upload(host_t, o_u + W)
-
-        t0 = time.perf_counter()
-        m = modeling.inner(self.model)
-        x_LD = m.get_input_embeddings()(dev[:L])
-        for row, n, emb, src in media_rows:
-            x_LD[row:row + n] = emb[src:src + n].to(x_LD.dtype)
-        pos_3L, slots_L = dev[o_pos:o_slot].view(3, L), dev[o_slot:o_rows]
-        if self.packed is not None:
-            hidden_LD = self.packed(x_LD, pos_3L, slots_L, meta)
-        else:
-            hidden_LD = modeling.text_forward(self.model, x_LD[None], pos_3L[:, None, :],
-                                              past_key_values=StepCache(self.pool, slots_L),
-                                              attention_mask={"full_attention": None, "sliding_attention": None},
-                                              paged=meta)[0]
-        logits_NV = None
-        if N:
-            logits_NV = modeling.lm_head(self.model)(hidden_LD.index_select(0, dev[o_rows:o_who])).float()
-        self.stats["model_s"] += time.perf_counter() - t0
-        self.stats["steps"] += 1
-        for src, dst, rows in copies:   # forks' partial blocks, after the forward wrote the leader's rows
-            self.pool.copy_rows(src, dst, rows)
-        if not W:
-            return
-        logits = logits_NV if W == N else logits_NV.index_select(0, dev[o_who:o_forced])
-        tokens, lps = sample(logits, self.params, suppress_ids=self.suppress_ids,
-                             uniforms=None if greedy else dev[o_u:o_u + W].view(torch.float64),
-                             forced=dev[o_forced:o_u] if forced is not None else None)
-        # the step's one download (and its one sync): ids as float64 (exact below 2^53) beside their log-probs
-        tok_f, lp_f = torch.stack((tokens.to(torch.float64), lps.to(torch.float64))).cpu().tolist()
-        self.stats["generated_tokens"] += W
-        for s, tok, lp in zip(who, tok_f, lp_f):
-            self._on_token(s, int(tok), lp)
-
-    def _forks(self, sampling):
-        """Who samples this step (host bookkeeping only): the sampling sequences, then the followers a leader's
-        last prompt logits fork (prefix sharing). Returns (sequences, their logit rows, partial-block copies)."""
-        who, rows, copies = [], [], []
-        for k, (c, _) in enumerate(sampling):
-            s = self.seqs[c.seq_id]
-            who.append(s)
-            rows.append(k)
-            g = s.group
-            if s.rollout_index == 0 and not g.forked and c.start + c.num_tokens == len(s.tokens) == s.round_start:
-                g.forked = True
-                for f in self.sched.fork_ready(g.gid):
-                    if f.copy_src >= 0:
-                        copies.append((f.copy_src, f.copy_dst, f.copy_rows))
-                    child = self.seqs[f.child]
-                    self.stats["prefix_tokens_shared"] += len(child.tokens)
-                    who.append(child)
-                    rows.append(k)
-        return who, rows, copies
-
-    def _forced_tokens(self, who) -> list[int] | None:
-        """Scripted tokens (test/bench hook) per sampling row, -1 where the row samples; None when none is."""
-        out, any_forced = [], False
-        for s in who:
-            script = self.forced_rounds(s.group.sample_index, s.rollout_index, len(s.traj.rounds))
-            if script is not None and s.round_len < len(script):
-                out.append(int(script[s.round_len]))
-                any_forced = True
-            else:
-                out.append(-1)
-        return out if any_forced else None
-
-    def _staging(self, n: int):
-        """(host tensor, its int64 numpy view) holding >= n values: two buffers used in turn, pinned when CUDA is
-        available (the non-blocking upload of one step may still be reading the other's)."""
-        st = getattr(self, "_stage", None)
-        if st is None or st["cap"] < n:
-            cap = max(n, 2 * (st["cap"] if st else 4096))
-            pin = torch.cuda.is_available()
-            bufs = [torch.empty(cap, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-            st = self._stage = dict(cap=cap, bufs=bufs, events=[None, None], turn=0)
-        st["turn"] ^= 1
-        ev = st["events"][st["turn"]]
-        if ev is not None:
-            ev.synchronize()   # the upload that last read this buffer (two steps ago) has finished: no wait
-        host_t = st["bufs"][st["turn"]]
-        return host_t, host_t.numpy()
-
-    def _upload(self, host_t: torch.Tensor, n: int) -> torch.Tensor:
-        """The step's one host-to-device copy (non-blocking from pinned memory); on the CPU the buffer itself."""
-        if self.device.type == "cpu":
-            return host_t[:n]
-        dev = host_t[:n].to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            ev.record()
-            self._stage["events"][self._stage["turn"]] = ev
-        return dev
-
-    def _step_unfused(self, out) -> None:
-        """The previous step (bench_engine_step.py's baseline): op-by-op forward, per-tensor uploads."""
-        chunks = out.scheduled
-        ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre = self._chunk_rows(chunks)
-        pos_3L = np.empty((3, len(ids)), dtype=np.int64)
-        if dec_rows:
-            pos_3L[:, dec_rows] = dec_pos
-        for row, p in pre:
-            pos_3L[:, row:row + p.shape[1]] = p
-        t0 = time.perf_counter()
-        m = modeling.inner(self.model)
-        ids_L = torch.tensor(ids, device=self.device)
-        x_LD = m.get_input_embeddings()(ids_L)
-        for row, n, emb, src in media_rows:
-            x_LD[row:row + n] = emb[src:src + n].to(x_LD.dtype)
-        pos_3L = torch.from_numpy(pos_3L).to(self.device)
-        meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
-        slots_L = torch.tensor(slots, device=self.device)
-        if self.packed is not None:
-            if self.packed.fused:
-                self.packed = packed_forward.PackedForward(self.model, fused=False)
-            hidden_LD = self.packed(x_LD, pos_3L, slots_L, meta)
-        else:
-            hidden_LD = modeling.text_forward(self.model, x_LD[None], pos_3L[:, None, :],
-                                              past_key_values=StepCache(self.pool, slots_L),
-                                              attention_mask={"full_attention": None, "sliding_attention": None},
-                                              paged=meta)[0]
-        sampling = [(c, q_starts[i] + c.num_tokens - 1) for i, c in enumerate(chunks) if c.samples]
-        logits_NV = None
-        if sampling:
-            rows = torch.tensor([r for _, r in sampling], device=self.device)
-            logits_NV = modeling.lm_head(self.model)(hidden_LD.index_select(0, rows)).float()
-        self.stats["model_s"] += time.perf_counter() - t0
-        self.stats["steps"] += 1
-        for c in chunks:
-            self.sched.update(c.seq_id, c.num_tokens)
-        who, rows, copies = self._forks(sampling)
-        for src, dst, n in copies:
-            self.pool.copy_rows(src, dst, n)
-        if not who:
-            return
-        logits = logits_NV if len(who) == len(sampling) else logits_NV[torch.tensor(rows, device=logits_NV.device)]
-        u = None
-        if not self.params.greedy:
-            u = counter_uniforms(np.fromiter((s.key for s in who), dtype=np.uint64, count=len(who)),
-                                 np.fromiter((len(s.tokens) for s in who), dtype=np.uint64, count=len(who)))
-        tokens, lps = sample(logits, self.params, suppress_ids=self.suppress_ids, uniforms=u)
-        tokens, lps = tokens.tolist(), lps.tolist()
-        if self.forced_rounds is not None:
-            forced = []
-            for k, s in enumerate(who):
-                script = self.forced_rounds(s.group.sample_index, s.rollout_index, len(s.traj.rounds))
-                if script is not None and s.round_len < len(script):
-                    tokens[k] = int(script[s.round_len])
-                    forced.append(k)
-            if forced:   # one log-softmax and one gather for all scripted rows
-                logp = (logits.to(torch.promote_types(logits.dtype, torch.float32))
-                        / self.params.temperature).log_softmax(-1)
-                ks = torch.tensor(forced)
-                for k, lp in zip(forced, logp[ks, torch.tensor([tokens[k] for k in forced])].tolist()):
-                    lps[k] = lp
-        self.stats["generated_tokens"] += len(who)
-        for s, tok, lp in zip(who, tokens, lps):
-            self._on_token(s, tok, lp)
 
     # --- tokens, rounds, finishing ----------------------------------------------------------------------
 

@@ -38,17 +38,24 @@ def force_impl(impl: str | None):
         _FORCED = prev
 
 
+_C_MOD: list = []     # [the extension module or None], looked up once: these ops run ~10 times per layer per step
+
+
 def _cpp():
-    try:
-        from videocom_fast import _C
-    except ImportError:
-        return None
-    return _C if hasattr(_C, "fused_add_rms_norm") else None
+    if not _C_MOD:
+        try:
+            from videocom_fast import _C
+        except ImportError:
+            _C = None
+        _C_MOD.append(_C if _C is not None and hasattr(_C, "fused_add_rms_norm") else None)
+    return _C_MOD[0]
+
+
+_CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def use_cpp(x: torch.Tensor) -> bool:
-    return _FORCED is None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
-        and _cpp() is not None
+    return _FORCED is None and x.device.type == "cpu" and x.dtype in _CPP_DTYPES and _cpp() is not None
 
 
 # --- the unfused PyTorch reference (what transformers' Qwen2 modules compute) ------------------------------------

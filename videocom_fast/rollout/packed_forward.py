@@ -23,6 +23,7 @@ registered paged attention (attention.py): same tokens, slower.
 """
 from __future__ import annotations
 
+import types
 import weakref
 
 import torch
@@ -76,8 +77,9 @@ class FusedWeights:
     Built once per language model and kept while its parameters are unchanged: `key` is every source
     parameter's (`_version`, data_ptr), so an optimizer step (in-place update: the version moves), a
     `load_state_dict` (copy_: same) or a `param.data = ...` swap (the pointer moves) makes `fused_weights`
-    rebuild them. NOTE: the concatenated copies cost one more copy of the q/k/v and gate/up weights (about
-    8.5 GB for a 7B model in bf16); the memory plan must count it while an engine is alive.
+    rebuild them. NOTE: the concatenated copies cost one more copy of the q/k/v and gate/up weights (8.5 GB for
+    Qwen2.5-VL-7B in bf16): they live only while a `generate` runs (`release_fused_weights`), and
+    docs/memory_7b.md counts them in the rollout phase.
     """
 
     def __init__(self, lm, key):
@@ -89,6 +91,7 @@ class FusedWeights:
             qb = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
             self.layers.append(dict(
                 ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
+                ln1_np=_np(layer.input_layernorm.weight), ln2_np=_np(layer.post_attention_layernorm.weight),
                 eps1=float(layer.input_layernorm.variance_epsilon),
                 eps2=float(layer.post_attention_layernorm.variance_epsilon),
                 wqkv_t=cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight).t(),
@@ -98,6 +101,11 @@ class FusedWeights:
                 bgu=cat(mlp.gate_proj.bias, mlp.up_proj.bias) if mlp.gate_proj.bias is not None else None,
                 wd_t=mlp.down_proj.weight.detach().t(), bd=_detached(mlp.down_proj.bias), scaling=a.scaling))
         self.norm, self.norm_eps = lm.norm.weight.detach(), float(lm.norm.variance_epsilon)
+
+
+def _np(p):
+    """numpy view of a float32/float64 CPU parameter (the C++ kernels' argument form), None otherwise."""
+    return p.detach().numpy() if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) else None
 
 
 def _detached(p):
@@ -120,8 +128,22 @@ def fused_weights(lm) -> FusedWeights:
     return fw
 
 
+def release_fused_weights(lm) -> None:
+    """Drop the language model's fused weights (the engine does at the end of `generate`: with full fine-tuning
+    the next optimizer step invalidates them anyway, and at 7B they are ~8.5 GB the update needs)."""
+    _FUSED.pop(lm, None)
+
+
 def _linear(x, w_t, b):
     return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+
+
+class _CpuStep(types.SimpleNamespace):
+    """The buffers of one CPU forward (`PackedForward._layers_cpu`): activations and their numpy views."""
+
+
+def _linear_into(out, x, w_t, b):
+    return torch.mm(x, w_t, out=out) if b is None else torch.addmm(b, x, w_t, out=out)
 
 
 class PackedForward:
@@ -155,6 +177,11 @@ class PackedForward:
         self._sel_dev = self.sel.to(dev)            # moved once, not per step
         self._inv = rot.inv_freq.to(dtype=torch.float32)
 
+    def release(self) -> None:
+        """Drop the fused weights (the copy) until the next call."""
+        self.w = None
+        release_fused_weights(self.lm)
+
     def rope_half(self, pos_3L: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (L, Dh/2) in `dtype`: the same float32 products as transformers' rotary module."""
         p = pos_3L.t().index_select(1, self._sel_dev).float()     # (L, Dh/2), contiguous
@@ -184,11 +211,54 @@ class PackedForward:
                  paged: attn.PagedBatch) -> torch.Tensor:
         if not self.fused:
             return self._unfused(x_LD, pos_3L, slots_L, paged)
+        if self.w is None:   # released after an earlier generate: re-read the model's current weights
+            self.w = fused_weights(self.lm)
         cos, sin = self.rope_half(pos_3L, x_LD.dtype)
         x, d = x_LD.clone(), None        # x: the residual stream, updated in place by each add+norm
-        for i in range(len(self.w.layers)):
-            d = self._layer(i, x, d, cos, sin, slots_L, paged)
+        if fused.use_cpp(x) and paged.pool.layout == "k_transposed":
+            d = self._layers_cpu(x, cos, sin, slots_L, paged)
+        else:
+            for i in range(len(self.w.layers)):
+                d = self._layer(i, x, d, cos, sin, slots_L, paged)
         return fused.add_rms_norm(x, d, self.w.norm, self.w.norm_eps)
+
+    def _layers_cpu(self, x, cos, sin, slots_L, paged):
+        """Every layer on the CPU with the C++ kernels: `_layer`'s kernels in the same order on the same values
+        (bit-equal to it), with its host overhead cut: the step's activations live in buffers made once per forward
+        (the matmuls write into them with out=) and the numpy views the kernels take are made once, not per call
+        (measured: ~620 .numpy() and ~110 torch.empty calls per step, ~1 us each, on the 28-layer tiny model)."""
+        L, Hq, Hkv, Dh = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        w0 = self.w.layers[0]
+        new = lambda n: torch.empty(L, n, dtype=x.dtype)  # noqa: E731
+        b = _CpuStep(x=x, h=new(x.shape[1]), ao=new(x.shape[1]), d=new(x.shape[1]), qkv=new(w0["wqkv_t"].shape[1]),
+                     gu=new(w0["wgu_t"].shape[1]))
+        b.act = new(b.gu.shape[1] // 2)
+        for name in ("x", "h", "ao", "d", "qkv", "gu", "act"):
+            setattr(b, name + "_np", getattr(b, name).numpy())
+        b.rot_np, b.cos_np, b.sin_np = b.qkv_np[:, :(Hq + Hkv) * Dh], cos.numpy(), sin.numpy()
+        b.k_np = b.qkv_np[:, Hq * Dh:(Hq + Hkv) * Dh].reshape(L, Hkv, Dh)   # strided rows: views, no copies
+        b.v_np = b.qkv_np[:, (Hq + Hkv) * Dh:].reshape(L, Hkv, Dh)
+        b.q = b.qkv[:, :Hq * Dh].view(L, Hq, Dh)
+        b.slots_np = slots_L.to(torch.int64).contiguous().numpy()
+        for i in range(len(self.w.layers)):
+            self._layer_cpu(i, b, paged)
+        return b.d
+
+    def _layer_cpu(self, i, b, paged):
+        """Layer i of `_layers_cpu` (b: its buffers). The kernels are looked up on the module at each call (the op
+        counter of the tests wraps them, and this method)."""
+        C, w, pool = fused._cpp(), self.w.layers[i], paged.pool
+        L, Hq, Dh = b.x.shape[0], self.num_heads, self.head_dim
+        C.fused_add_rms_norm(b.x_np, b.d_np if i else None, w["ln1_np"], b.h_np, w["eps1"])
+        _linear_into(b.qkv, b.h, w["wqkv_t"], w["bqkv"])
+        C.fused_rotary(b.rot_np, b.cos_np, b.sin_np, Dh)
+        C.paged_kv_write(pool.k[i].numpy(), pool.v[i].numpy(), b.slots_np, b.k_np, b.v_np)
+        o = attn.attend(b.q, i, paged, w["scaling"])
+        _linear_into(b.ao, o.view(L, Hq * Dh), w["wo_t"], w["bo"])
+        C.fused_add_rms_norm(b.x_np, b.ao_np, w["ln2_np"], b.h_np, w["eps2"])
+        _linear_into(b.gu, b.h, w["wgu_t"], w["bgu"])
+        C.fused_silu_mul(b.gu_np, b.act_np)
+        _linear_into(b.d, b.act, w["wd_t"], w["bd"])
 
     def _layer(self, i, x, d, cos, sin, slots_L, paged):
         """Layer i on the residual stream x (updated in place by the pending output `d` of the layer before);
