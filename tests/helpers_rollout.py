@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -115,3 +116,38 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def rollout_samples(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("rollout_data"))
+
+
+def teacher_logits(model, traj, suppress) -> torch.Tensor:
+    """float64 CPU (N, V) logits at the positions that predict each generated token; suppressed ids -inf."""
+    from videocom_fast import modeling
+    from videocom_fast.training.logprobs import generated_index, media_embeds
+
+    device = modeling.lm_head(model).weight.device
+    ids_L = torch.as_tensor(traj.token_ids, dtype=torch.long, device=device)
+    pos_3L = torch.as_tensor(traj.position_ids, dtype=torch.long).to(device)
+    with torch.no_grad():
+        x_LD = modeling.embed(model, ids_L, media_embeds(model, traj, ids_L))
+        hidden_LD = modeling.text_forward(model, x_LD[None], pos_3L[:, None, :])[0]
+        logits = modeling.lm_head(model)(hidden_LD[generated_index(traj).to(device) - 1]).double().cpu()
+    logits[:, suppress] = float("-inf")
+    return logits
+
+
+def assert_greedy_equal_up_to_near_tie(got, want_ids, fast_model, exact_model, suppress, what: str):
+    """The engine's greedy episode `got` (a Trajectory) has the token ids `want_ids` (the naive loop's), or
+    they part at a GENERATED token where the exact (float64) model's logits, teacher-forced along `got` (its
+    prefix is the naive loop's up to there), rank the two picks within 2x `fast_model`'s measured logit
+    error per side (flash-attention's rule): a near-tie that the fast dtype may flip."""
+    if got.token_ids == want_ids:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(got.token_ids, want_ids)) if a != b), None)
+    assert k is not None, f"{what}: one episode is a prefix of the other"
+    assert got.generated_mask[k], f"{what}: episodes differ at env token {k}"
+    ref = teacher_logits(exact_model, got, suppress)
+    err = (teacher_logits(fast_model, got, suppress) - ref).nan_to_num(posinf=0, neginf=0).abs().max()
+    tol = 2 * 2 * float(err)
+    n = sum(got.generated_mask[:k])                                # row of token k in `ref`
+    gap = float(ref[n, want_ids[k]] - ref[n, got.token_ids[k]])
+    assert abs(gap) <= tol, (f"{what}: left the naive greedy path at token {k} ({got.token_ids[k]} vs "
+                             f"{want_ids[k]}) without a near-tie: float64 gap {gap:.3g}, allowed {tol:.3g}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_rollout import env_factory, make_data, make_tiny
+from helpers_rollout import env_factory, make_data, make_tiny, teacher_logits
 
 pytestmark = pytest.mark.gpu
 
@@ -58,22 +58,6 @@ def _engine(model, proc):
     from videocom_fast.rollout import RolloutEngine
     return RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=ROUNDS, max_new_tokens=NEW,
                          kv_budget_tokens=16384)
-
-
-def teacher_logits(model, traj, suppress) -> torch.Tensor:
-    """float64 CPU (N, V) logits at the positions that predict each generated token; suppressed ids -inf."""
-    from videocom_fast import modeling
-    from videocom_fast.training.logprobs import generated_index, media_embeds
-
-    device = modeling.lm_head(model).weight.device
-    ids_L = torch.as_tensor(traj.token_ids, dtype=torch.long, device=device)
-    pos_3L = torch.as_tensor(traj.position_ids, dtype=torch.long).to(device)
-    with torch.no_grad():
-        x_LD = modeling.embed(model, ids_L, media_embeds(model, traj, ids_L))
-        hidden_LD = modeling.text_forward(model, x_LD[None], pos_3L[:, None, :])[0]
-        logits = modeling.lm_head(model)(hidden_LD[generated_index(traj).to(device) - 1]).double().cpu()
-    logits[:, suppress] = float("-inf")
-    return logits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
