@@ -501,11 +501,13 @@ def test_random_rollouts_twins_identical_and_everything_finishes(cfg_index):
 
 
 def test_random_rollouts_exercise_preemption_forks_and_kv_budget():
-    """Across seeds, the tight configs really hit the paths the simulation is meant to check."""
+    """Across seeds, the tight configs really hit the paths the simulation is meant to check. (Measured: one
+    seed of config 0 finishes nothing on the KV budget ~29% of the time; 3 seeds failed 1 run in 40, 8 make it
+    ~5e-5.)"""
     impls = ["python", "cpp"] if cpp_available() else ["python"]
     total = dict(num_preemptions=0, num_forks=0, num_fork_fallbacks=0, num_kv_budget_finishes=0)
     base = int.from_bytes(os.urandom(4), "little")
-    for k in range(6):
+    for k in range(16):
         _, stats = simulate(impls, base + k, SIM_CONFIGS[(0, 2)[k % 2]], num_groups=10)
         for key in total:
             total[key] += stats[key]
