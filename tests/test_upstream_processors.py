@@ -110,7 +110,8 @@ def _outcomes(root: Path, patched: bool, tmp_path) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CACHE / "site"), str(ROOT / "tests"), str(ROOT),
                                                        os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "pytest", "-c", "pytest.ini", "tests/models/qwen2_vl", "-q",
-           "-p", "no:cacheprovider", f"--junitxml={xml}"] + (["-p", "upstream_patch_plugin"] if patched else [])
+           "-p", "no:cacheprovider", f"--junitxml={xml}", "-p", "upstream_seed_plugin"] + (
+        ["-p", "upstream_patch_plugin"] if patched else [])
     subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     out = {}
     for case in ET.parse(xml).iter("testcase"):
