@@ -32,28 +32,39 @@ def _blanked_env(base_cls, blank: frozenset):
 
 def blanked_engine(model_dir, media, *, blank=KINDS, max_rounds: int = 5, max_new_tokens: int = 64, **kw):
     """A RolloutEngine whose environments black out the media of the observation kinds in `blank`."""
-    from .env import ManipulationEnv
-    from .evaluate import _engine, media_config_from
+    from .evaluate import _engine
 
+    _check(blank)
+    engine = _engine(model_dir, media, max_rounds=max_rounds, max_new_tokens=max_new_tokens, **kw)
+    engine.env_factory = _blanked_factory(engine, media, blank)
+    return engine
+
+
+def _check(blank) -> None:
     bad = set(blank) - set(KINDS)
     if bad or not blank:
         raise ValueError(f"blank: expected a non-empty subset of {KINDS}, got {tuple(blank)!r}")
-    engine = _engine(model_dir, media, max_rounds=max_rounds, max_new_tokens=max_new_tokens, **kw)
+
+
+def _blanked_factory(engine, media, blank):
+    from .env import ManipulationEnv
+    from .evaluate import media_config_from
+
     cls, mc = _blanked_env(ManipulationEnv, frozenset(blank)), media_config_from(media)
-    engine.env_factory = lambda sample: cls(sample, cache=engine.frame_cache, config=mc)
-    return engine
+    return lambda sample: cls(sample, cache=engine.frame_cache, config=mc)
 
 
 def ablation_table(model_dir, samples, media, *, max_new_tokens: int = 64) -> dict:
     """Greedy held-out summaries: {"full", "blank_all", "blank_zoom"} -> evaluate.run_episodes summary,
-    plus the per-episode accuracies (paired: same samples, same order)."""
+    plus the per-episode accuracies (paired: same samples, same order). One engine (one model load, one
+    frame cache); only its environments change between the rows."""
     from .evaluate import _engine, run_episodes
 
-    engines = {"full": _engine(model_dir, media, max_rounds=5, max_new_tokens=max_new_tokens),
-               "blank_all": blanked_engine(model_dir, media, max_new_tokens=max_new_tokens),
-               "blank_zoom": blanked_engine(model_dir, media, blank=("zoom",), max_new_tokens=max_new_tokens)}
+    engine = _engine(model_dir, media, max_rounds=5, max_new_tokens=max_new_tokens)
+    real = engine.env_factory
     out = {}
-    for name, engine in engines.items():
+    for name, blank in (("full", None), ("blank_all", KINDS), ("blank_zoom", ("zoom",))):
+        engine.env_factory = real if blank is None else _blanked_factory(engine, media, blank)
         _, per, summary = run_episodes(engine, samples, num_generations=1, greedy=True)
         out[name] = {**summary, "accuracy_per_episode": [p["accuracy"] for p in per]}
     return out
