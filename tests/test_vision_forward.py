@@ -190,3 +190,38 @@ def test_supports_refuses_what_it_cannot_run(models):
     extra = copy.deepcopy(models[torch.float32])
     extra.model.visual.blocks[0].mlp.dropout = torch.nn.Dropout(0.1)
     assert "visual.blocks.0.mlp.dropout" in supports(extra)
+
+
+def test_trainable_merger_equals_transformers_values_and_merger_grads(tiny_path):
+    """SFT with a frozen tower and a training merger (training/packing.media_embeddings) runs the blocks
+    here without autograd and the merger as its module: features and merger gradients equal transformers'
+    whole-tower autograd run (fp64); the blocks get no gradient in either."""
+    from videocom_fast.models import load
+    from videocom_fast.training.packing import _frozen_tower_forward
+
+    model = load(tiny_path, dtype=torch.float64)[0]
+    vis = modeling.inner(model).visual
+    assert _frozen_tower_forward(model) is None            # everything trains: the transformers path
+    for n, p in vis.named_parameters():
+        p.requires_grad_(n.startswith("merger."))
+    fast = _frozen_tower_forward(model)
+    assert isinstance(fast, VisionForward) and _frozen_tower_forward(model) is fast
+    grid = random.sample(VIDEOS + ODD, 3)
+    pv, g = _pixels(grid, torch.float64)
+    weights = [torch.randn(t * h * w // 4, model.config.text_config.hidden_size, dtype=torch.float64)
+               for t, h, w in grid]
+
+    def grads(feats):
+        model.zero_grad(set_to_none=True)
+        sum((f * w).sum() for f, w in zip(feats, weights)).backward()
+        return {n: p.grad.clone() for n, p in vis.named_parameters() if p.grad is not None}
+
+    want = modeling.vision_embeds(model, pv, g, video=True, patch_matmul=True)
+    got = fast.trainable_merger(pv, g)
+    assert max((a - b).abs().max().item() for a, b in zip(got, want)) <= 1e-10
+    gw, gg = grads(want), grads(got)
+    assert sorted(gw) == sorted(gg) and all(n.startswith("merger.") for n in gg) and len(gg) >= 4
+    for n in gw:
+        assert (gw[n] - gg[n]).abs().max().item() <= 1e-10 * max(1.0, gw[n].abs().max().item()), n
+    vis.blocks[0].attn.qkv.weight.requires_grad_(True)      # a trainable block: the transformers path again
+    assert _frozen_tower_forward(model) is None

@@ -171,11 +171,39 @@ def attention_kwargs(batch: PackedBatch) -> dict:
 # --- forward and loss ------------------------------------------------------------------------------
 
 def media_embeddings(model, batch: PackedBatch, *, grad: bool) -> list[torch.Tensor]:
-    """Vision features per block in sequence order (one tower call per modality)."""
+    """Vision features per block in sequence order (one tower call per modality).
+
+    With the tower's blocks frozen and only the merger trained (issue 17's SFT), the blocks run through the
+    engine's `VisionForward` without autograd (same values, tests/test_vision_forward.py; ~3x faster on the
+    CPU at the tiny model's sizes) and the merger as its module, under autograd."""
+    fast = _frozen_tower_forward(model) if grad else None
     with torch.set_grad_enabled(grad):
-        imgs = iter(vision_embeds(model, batch.pixel_values, batch.image_grid_thw, video=False))
-        vids = iter(vision_embeds(model, batch.pixel_values_videos, batch.video_grid_thw, video=True))
+        if fast is not None:
+            imgs = iter(fast.trainable_merger(batch.pixel_values, batch.image_grid_thw))
+            vids = iter(fast.trainable_merger(batch.pixel_values_videos, batch.video_grid_thw))
+        else:
+            imgs = iter(vision_embeds(model, batch.pixel_values, batch.image_grid_thw, video=False))
+            vids = iter(vision_embeds(model, batch.pixel_values_videos, batch.video_grid_thw, video=True))
         return [next(imgs) if k == "image" else next(vids) for k in batch.media_kinds]
+
+
+def _frozen_tower_forward(model):
+    """A `VisionForward` for `model` when its tower blocks are frozen, its merger trains and it supports
+    the model; else None. Kept on the tower module (weights are read at call time, never cached)."""
+    from videocom_fast import vision_forward
+    from videocom_fast.modeling import inner
+
+    vis = inner(model).visual
+    params = dict(vis.named_parameters())
+    if any(p.requires_grad for n, p in params.items() if not n.startswith("merger.")) or \
+            not any(p.requires_grad for n, p in params.items() if n.startswith("merger.")):
+        return None
+    fast = vis.__dict__.get("_videocom_frozen_forward")
+    if fast is None:
+        if vision_forward.supports(model) is not None:
+            return None
+        fast = vis.__dict__["_videocom_frozen_forward"] = vision_forward.VisionForward(model)
+    return fast
 
 
 def vision_trainable(model) -> bool:

@@ -55,7 +55,8 @@ class _Batches:
         self.count = 0
 
     def _noisy(self, f: np.ndarray) -> np.ndarray:
-        return np.clip(f.astype(np.int16) + self.rng.integers(-4, 5, f.shape), 0, 255).astype(np.uint8)
+        from videocom_fast.data.synth import add_noise
+        return add_noise(f, self.rng, 4)
 
     def make(self, n: int, n_crops: int | None = None):
         n_crops = n if n_crops is None else n_crops
@@ -155,6 +156,8 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, crops: 
     from videocom_fast.modeling import inner
     from videocom_fast.models import build_tiny, load
 
+    from .scenes import _prefetch
+
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
     out = Path(out_dir)
@@ -173,8 +176,9 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, crops: 
     held = _Batches(mc, seed + 1, width, height, fps, seconds).make(eval_batch)
     t0, history = time.perf_counter(), []
     visual.train()
+    batches = _prefetch(lambda: data.make(batch, crops))       # rendering overlaps the step (GIL released)
     for step in range(1, steps + 1):
-        loss, parts = _losses(net, heads, data.make(batch, crops), char_weight)
+        loss, parts = _losses(net, heads, next(batches), char_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -185,6 +189,7 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, crops: 
             shown = ("acc_tint", "acc_tag_tokens", "acc_slot_on_tag", "acc_char", "acc_colour")
             log(f"perception step {step}/{steps} loss {loss.item():.3f} " +
                 " ".join(f"{k} {parts[k]:.2f}" for k in shown))
+    batches.close()                                           # stops the renderer
     visual.eval()
     with torch.no_grad():
         _, final = _losses(net, heads, held)

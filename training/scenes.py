@@ -60,6 +60,35 @@ class _Stream:
         return out
 
 
+def _prefetch(make, depth: int = 2):
+    """Yield make() results produced by a background thread, `depth` ahead: rendering and preprocessing
+    (numpy / torch ops, which release the GIL) overlap the training step instead of preceding it."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            while not stop.is_set():
+                q.put(("ok", make()))
+        except BaseException as e:            # surfaced in the consumer, never swallowed
+            q.put(("error", e))
+
+    threading.Thread(target=work, daemon=True, name="scene-stream").start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while not q.empty():                  # unblock a producer waiting on a full queue
+            q.get_nowait()
+
+
 def _turn_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
     """[start, end) of each run of supervised tokens (one per assistant turn)."""
     on = (labels != -100).tolist()
@@ -135,8 +164,9 @@ def sft_on_scenes(model, out_dir, *, media, steps: int = 600, batch: int = 8, lr
     net.train()
     metrics = MetricsLogger(out, tensorboard=False)
     t0, history, window = time.perf_counter(), [], []
+    batches = _prefetch(lambda: data.make(batch))
     for step in range(1, steps + 1):
-        loss, turns = _loss_and_turns(net, data.make(batch))
+        loss, turns = _loss_and_turns(net, next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -151,6 +181,7 @@ def sft_on_scenes(model, out_dir, *, media, steps: int = 600, batch: int = 8, lr
             history.append(rec)
             metrics.log(step, {k: v for k, v in rec.items() if k != "step"})
             log("scene SFT " + " ".join(f"{k} {v}" for k, v in rec.items()))
+    batches.close()                                           # stops the renderer
     metrics.close()
     net.eval()
     net.save_pretrained(out)

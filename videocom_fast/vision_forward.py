@@ -330,9 +330,28 @@ class VisionForward:
 
     @torch.no_grad()
     def __call__(self, pixel_values_PC: torch.Tensor, grid_thw_N3: torch.Tensor) -> list[torch.Tensor]:
-        vis = inner(self.model).visual
         if grid_thw_N3 is None or grid_thw_N3.numel() == 0:
             return []
+        h_RD, plan = self._tower(pixel_values_PC, grid_thw_N3)
+        mg = inner(self.model).visual.merger
+        z = _rms_norm(h_RD, mg.ln_q).view(-1, mg.hidden_size)
+        z = F.linear(F.gelu(F.linear(z, mg.mlp[0].weight, mg.mlp[0].bias), approximate=mg.mlp[1].approximate),
+                     mg.mlp[2].weight, mg.mlp[2].bias)
+        return list(z.index_select(0, plan.out_U).split(plan.split_sizes))
+
+    def trainable_merger(self, pixel_values_PC: torch.Tensor, grid_thw_N3: torch.Tensor) -> list[torch.Tensor]:
+        """Same as calling it, but the merger (the projector) runs as its own module under autograd: for
+        training the merger on a frozen tower (SFT of issue 17), whose blocks need no graph."""
+        if grid_thw_N3 is None or grid_thw_N3.numel() == 0:
+            return []
+        with torch.no_grad():
+            h_RD, plan = self._tower(pixel_values_PC, grid_thw_N3)
+        z = inner(self.model).visual.merger(h_RD)
+        return list(z.index_select(0, plan.out_U).split(plan.split_sizes))
+
+    def _tower(self, pixel_values_PC: torch.Tensor, grid_thw_N3: torch.Tensor):
+        """(h_RD, plan): the last block's output, rows in the plan's order, before the merger."""
+        vis = inner(self.model).visual
         grid = self._check(pixel_values_PC, grid_thw_N3, vis)
         dev = pixel_values_PC.device
         plan = self._plan(grid, vis, dev)
@@ -353,8 +372,4 @@ class VisionForward:
             g = _ACTS[vis.config.hidden_act](F.linear(y, mlp.gate_proj.weight, mlp.gate_proj.bias))
             g.mul_(F.linear(y, mlp.up_proj.weight, mlp.up_proj.bias))
             h_RD += F.linear(g, mlp.down_proj.weight, mlp.down_proj.bias)
-        mg = vis.merger
-        z = _rms_norm(h_RD, mg.ln_q).view(-1, mg.hidden_size)
-        z = F.linear(F.gelu(F.linear(z, mg.mlp[0].weight, mg.mlp[0].bias), approximate=mg.mlp[1].approximate),
-                     mg.mlp[2].weight, mg.mlp[2].bias)
-        return list(z.index_select(0, plan.out_U).split(plan.split_sizes))
+        return h_RD, plan
