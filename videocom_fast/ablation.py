@@ -54,20 +54,27 @@ def _blanked_factory(engine, media, blank):
     return lambda sample: cls(sample, cache=engine.frame_cache, config=mc)
 
 
-def ablation_table(model_dir, samples, media, *, max_new_tokens: int = 64) -> dict:
-    """Greedy held-out summaries: {"full", "blank_all", "blank_zoom"} -> evaluate.run_episodes summary,
-    plus the per-episode accuracies (paired: same samples, same order). One engine (one model load, one
-    frame cache); only its environments change between the rows."""
+ROWS = {"full": None, "blank_all": KINDS, "blank_zoom": ("zoom",)}
+
+
+def ablation_table(model_dir, samples, media, *, max_new_tokens: int = 64, rows=tuple(ROWS)) -> dict:
+    """Greedy held-out summaries: {"full", "blank_all", "blank_zoom"} (or the given `rows`) ->
+    evaluate.run_episodes summary, plus the per-episode accuracies (paired: same samples, same order). One
+    engine (one model load, one frame cache); only its environments change between the rows."""
     from .evaluate import _engine, run_episodes
 
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise ValueError(f"rows: expected some of {list(ROWS)}, got {list(rows)}")
     engine = _engine(model_dir, media, max_rounds=5, max_new_tokens=max_new_tokens)
     real = engine.env_factory
     out = {}
-    for name, blank in (("full", None), ("blank_all", KINDS), ("blank_zoom", ("zoom",))):
+    for name in rows:
+        blank = ROWS[name]
         engine.env_factory = real if blank is None else _blanked_factory(engine, media, blank)
         _, per, summary = run_episodes(engine, samples, num_generations=1, greedy=True)
         out[name] = {**summary, "accuracy_per_episode": [p["accuracy"] for p in per]}
     return out
 
 
-__all__ = ["blanked_engine", "ablation_table", "KINDS"]
+__all__ = ["blanked_engine", "ablation_table", "KINDS", "ROWS"]

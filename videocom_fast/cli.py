@@ -8,7 +8,7 @@
     videocom-fast eval    --model DIR --data eval.json --out RUN_DIR/eval.json [--greedy | --sample]
     videocom-fast report RUN_DIR
     videocom-fast bench [pytest args]      # the pytest-benchmark suites, then the ratio table
-    videocom-fast demo  [--out runs/demo]  # synth -> tiny model -> SFT -> RA-GRPO -> rollouts -> report
+    videocom-fast demo  [--out runs/demo] [--seed 0]  # synth -> warm-up -> SFT -> ablation -> GRPO -> report
     videocom-fast info                     # versions and what this installation can use (build_info)
 Training commands take a YAML config (a file, or a packaged one by name: sft_tiny, grpo_tiny) plus
 `key=value` overrides (dotted keys for nested fields). Media settings and generation limits travel with
@@ -179,7 +179,7 @@ def _cmd_demo(args) -> int:
 
     prepare_output_dir(args.out, overwrite=args.overwrite, what="--out")
     with results_only_on_stdout():   # stages, library warnings and the closing lines: stderr
-        summary = run_demo(args.out, fast=args.fast)
+        summary = run_demo(args.out, fast=args.fast, seed=args.seed)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the whole pipeline on the embedded default, on CPU, in minutes")
     s.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     s.add_argument("--fast", action="store_true", help="smallest settings (used by the tests)")
+    s.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     s.add_argument("--overwrite", action="store_true", help="empty a non-empty --out first")
     s.set_defaults(fn=_cmd_demo)
     return p
