@@ -26,6 +26,11 @@ def test_demo_fast_end_to_end(tmp_path):
         assert 0 <= summary[key] <= 1
     for d in ("perceive", "sft", "grpo"):                   # each stage saved a loadable model
         assert (run / d / "config.json").exists(), d
+    # the report's SFT curve covers both SFT stages, in order
+    from videocom_fast.demo import SIZES
+
+    steps = [json.loads(x)["step"] for x in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps[-1] == sum(SIZES["fast"]["sft_steps"]) and steps == sorted(set(steps))
     # the episodes in the report are the rollouts the demo ran: same count, same round texts
     records = [json.loads(x) for x in (run / "trajectories_rollout.jsonl").read_text().splitlines()]
     assert len(records) == 8 * 4  # G = 8 rollouts of 4 prompts

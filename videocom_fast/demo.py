@@ -94,6 +94,7 @@ def run_demo(out="runs/demo", *, fast: bool = False, seed: int = 0) -> dict:
         second = sft_on_scenes(out / "sft1", out / "sft", media=media, steps=s2, lr=2e-3, seed=seed + 1,
                                log_every=max(1, min(50, s2 // 2)), log=_log)
     times["sft_s"] = time.perf_counter() - t
+    _join_metrics(out / "sft1" / "metrics.jsonl", out / "sft" / "metrics.jsonl", offset=s1)   # one SFT curve
     t = time.perf_counter()
     table = ablation_table(out / "sft", held, media)
     times["eval_sft_s"] = time.perf_counter() - t
@@ -146,6 +147,17 @@ def run_demo(out="runs/demo", *, fast: bool = False, seed: int = 0) -> dict:
           f"(visual tokens/s {summary['visual_tokens_per_s']:.1f})")
     print(f"total {summary['total_s']:.0f} s; report: {report}")
     return summary
+
+
+def _join_metrics(first: Path, second: Path, offset: int) -> None:
+    """Prepend the first SFT stage's logged rows to the second's (its steps shifted by `offset`): the report
+    then draws one SFT curve over both stages."""
+    rows = [json.loads(x) for x in first.read_text().splitlines() if x.strip()]
+    later = [json.loads(x) for x in second.read_text().splitlines() if x.strip()]
+    rows += [{**r, "step": r["step"] + offset} for r in later]
+    tmp = second.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(second)
 
 
 def _log(msg: str) -> None:
