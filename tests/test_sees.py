@@ -135,6 +135,8 @@ def test_scene_frames_do_not_depend_on_draw_order_and_noise_stays_in_range():
         warm.draw(int(i))
     for i in order:
         assert (warm.draw(int(i)) == Scene(p, 320, 192, 4).draw(int(i))).all(), i
+    # C order: a channel-strided texture made each frame's background copy ~60x slower (a session's demo ran so)
+    assert warm.bg.flags["C_CONTIGUOUS"] and warm._blend and all(b.flags["C_CONTIGUOUS"] for b in warm._blend.values())
     frames = rng.integers(0, 256, (3, 5, 24, 32, 3), dtype=np.uint8)
     noisy = add_noise(frames, np.random.default_rng(1), 4)
     d = noisy.astype(int) - frames.astype(int)

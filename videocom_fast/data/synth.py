@@ -118,9 +118,10 @@ def _smooth_texture(rng, h, w) -> np.ndarray:
     coarse = torch.from_numpy(rng.uniform(40, 200, size=(1, 3, h // 24 + 2, w // 24 + 2)).astype(np.float32))
     up = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
     grain = torch.from_numpy(rng.normal(0, 3, size=(h, w, 1)).astype(np.float32))
-    # NOTE: C order: a channel-strided texture made every frame copy ~60x slower. torch's clamp and uint8
-    # cast give numpy's values (truncation) at a third of the time
-    return (up.permute(1, 2, 0) + grain).clamp_(0, 255).to(torch.uint8).numpy()
+    # NOTE: C order (contiguous BEFORE the add: the sum keeps its first operand's strides): a channel-strided
+    # texture made every frame's background copy ~60x slower. torch's clamp and uint8 cast give numpy's
+    # values (truncation) at a third of the time
+    return (up.permute(1, 2, 0).contiguous() + grain).clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def _shape_mask(kind: str, size: int) -> np.ndarray:
