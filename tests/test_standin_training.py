@@ -184,3 +184,38 @@ def test_sft_step_on_the_standin_equals_cpu_with_documented_syncs(sft_world):
     assert _sync_counts(dev) == {"sft.py in train_step": 1, "modeling.py in embed": n,
                                  "packing.py in packed_loss_sum": 2 * n, "vision_forward.py in __init__": 1}, \
         dev.report()
+
+
+def test_frozen_tower_trainable_merger_on_the_standin_equals_cpu(tiny):
+    """Scene SFT's vision path (training/packing.media_embeddings: tower blocks frozen, merger trains) on the
+    stand-in: features and merger gradients equal the CPU run's; host reads: VisionForward's rotary table once
+    per model, and one read of the (N, 3) grid per call (it sizes the plan, as in the engine's tower call)."""
+    from videocom_fast.modeling import inner
+    from videocom_fast.training.packing import _frozen_tower_forward
+
+    model, _ = tiny
+    model = copy.deepcopy(model)
+    for n, p in inner(model).visual.named_parameters():
+        p.requires_grad_(n.startswith("merger."))
+    grid = torch.tensor([[2, 4, 6], [1, 6, 10]])
+    pv = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    weights = [torch.randn(t * h * w // 4, model.config.text_config.hidden_size) for t, h, w in grid.tolist()]
+
+    def run(m, pv, grid, weights):
+        feats = _frozen_tower_forward(m).trainable_merger(pv, grid)
+        sum((f * w).sum() for f, w in zip(feats, weights)).backward()
+        return feats, [p.grad for n, p in inner(m).visual.named_parameters() if n.startswith("merger.")]
+
+    stand_model = copy.deepcopy(model)
+    want, want_g = run(model, pv, grid, weights)
+    with StandIn() as dev:
+        stand = dev.put(stand_model)
+        dev.reset()
+        args = dev.put((pv, grid, weights))
+        got, got_g = run(stand, *args)
+        got_values = [v.clone() for v in dev.value(got) + dev.value(got_g)]
+        run(stand, *args)                                      # a second call reads only its grid
+    assert [g.device.type for g in got] == ["meta"] * 2 and len(got_g) == len(want_g) >= 4
+    for a, b in zip(got_values, want + want_g):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, b.abs().max().item()))
+    assert _sync_counts(dev) == {"vision_forward.py in __init__": 1, "vision_forward.py in _check": 2}, dev.report()

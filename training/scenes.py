@@ -130,8 +130,7 @@ def _loss_and_turns(model, examples) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def sft_on_scenes(model, out_dir, *, media, steps: int = 600, batch: int = 8, lr: float = 3e-3, seed: int = 0,
-                  train_vision: bool = False, train_merger: bool = True, merger_lr: float | None = None,
-                  width: int = 320, height: int = 192,
+                  train_vision: bool = False, train_merger: bool = True, width: int = 320, height: int = 192,
                   fps: int = 4, seconds=(40, 40), warmup: int = 20, log_every: int = 25, log=print) -> dict:
     """Train `model` (a from_pretrained dir, e.g. the perception warm-up's) on `steps` x `batch` fresh
     rendered episodes; save it to `out_dir` (from_pretrained + media.json; the logged rows also go to
@@ -158,10 +157,7 @@ def sft_on_scenes(model, out_dir, *, media, steps: int = 600, batch: int = 8, lr
     for name, p in visual.named_parameters():
         p.requires_grad_(train_vision or (train_merger and name.startswith("merger.")))
     params = [p for p in net.parameters() if p.requires_grad]
-    tower = {id(p) for p in visual.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in tower]},
-              {"params": [p for p in params if id(p) in tower], "lr": lr if merger_lr is None else merger_lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + np.cos(np.pi * min(s, steps) / steps)))
     data = _Stream(processor.tokenizer, mc, seed, width, height, fps, seconds)
@@ -193,7 +189,7 @@ def sft_on_scenes(model, out_dir, *, media, steps: int = 600, batch: int = 8, lr
     if (Path(model) / "videocom_tiny.json").exists():
         shutil.copy(Path(model) / "videocom_tiny.json", out / "videocom_tiny.json")
     write_contract(out, "sft", mc, generation={"max_new_tokens": 64, "max_rounds": 5}, frame_hw=(height, width))
-    info = {"steps": steps, "batch": batch, "lr": lr, "merger_lr": merger_lr, "seed": seed, "train_vision": train_vision,
+    info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "train_vision": train_vision,
             "train_merger": train_merger, "train_s": round(time.perf_counter() - t0, 1), "history": history}
     (out / "scene_sft.json").write_text(json.dumps(info, indent=1))
     return info

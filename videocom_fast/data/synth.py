@@ -185,14 +185,17 @@ class Scene:
         second frame of a segment on, the whole texture is blended once and frames are slices of it (the
         same values: the blend is elementwise), so a video costs a copy per frame, a single frame no more."""
         seg, y, x = int(self.segment[i]), self.py[i], self.px[i]
-        tint = np.array(SEGMENT_TINTS[(seg - 1) % len(SEGMENT_TINTS)], np.float32)
-        blend = lambda bg: (TINT * tint + (1 - TINT) * bg.astype(np.float32)).astype(np.uint8)  # noqa: E731
-        if seg not in self._blend:
-            if seg not in self._seen:
-                self._seen.add(seg)
-                return blend(self.bg[y:y + self.height, x:x + self.width])
-            self._blend[seg] = blend(self.bg)
-        return self._blend[seg][y:y + self.height, x:x + self.width]
+        full = self._blend.get(seg)
+        if full is None:
+            tint = np.array(SEGMENT_TINTS[(seg - 1) % len(SEGMENT_TINTS)], np.float32)
+            first = seg not in self._seen
+            self._seen.add(seg)
+            bg = self.bg[y:y + self.height, x:x + self.width] if first else self.bg
+            out = (TINT * tint + (1 - TINT) * bg.astype(np.float32)).astype(np.uint8)
+            if first:
+                return out
+            full = self._blend[seg] = out
+        return full[y:y + self.height, x:x + self.width]
 
     def draw(self, i: int, out: np.ndarray | None = None, labels: bool = True) -> np.ndarray:
         """uint8 (H, W, 3) frame i (0-based), written into `out` if given."""
