@@ -52,6 +52,14 @@ def test_blanked_engine_rejects_unknown_kinds(tiny_dir):
             blanked_engine(tiny_dir, None, blank=bad)
 
 
+def test_ablation_table_rejects_unknown_rows(tiny_dir):
+    from videocom_fast.ablation import ablation_table
+
+    for bad in ((), ("full", "bogus")):
+        with pytest.raises(ValueError, match="rows"):
+            ablation_table(tiny_dir, [], None, rows=bad)
+
+
 def test_scene_carries_the_cues_each_manipulation_needs():
     from videocom_fast import protocol
     from videocom_fast.data.synth import SEGMENT_TINTS, SLOT_COLOURS, TINT, Scene, _plan, slot_boxes
