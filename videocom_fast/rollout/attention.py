@@ -67,6 +67,7 @@ class PagedBatch:
     block_tables: list[list[int]]
     backend: str = "sdpa"             # "sdpa" | "flash" | "cpp"
     _cache: dict = field(default_factory=dict)
+    _views: dict | None = field(default=None, repr=False)   # device metadata (`bind` / `_device_arrays`)
 
     def __post_init__(self):
         n = range(len(self.q_lens))
@@ -76,32 +77,94 @@ class PagedBatch:
         self.decode_chunks = [i for i in n if self.q_lens[i] == 1 and i not in short]
         self.prefill_chunks = [i for i in n if self.q_lens[i] != 1 and i not in short]
 
+    def _decode_buckets(self) -> list[list[int]]:
+        """Decode chunks grouped by similar context lengths (less padding to gather)."""
+        bs = self.pool.block_size
+        buckets, cur = [], []
+        for i in sorted(self.decode_chunks, key=lambda i: self.ctx_lens[i]):
+            # NOTE: a new bucket when padding to this length would waste over a quarter of the gather
+            if cur and len(buckets) < 7 and self.ctx_lens[i] > 1.25 * self.ctx_lens[cur[0]] + bs:
+                buckets.append(cur)
+                cur = []
+            cur.append(i)
+        return buckets + [cur]
+
+    def _host_layout(self) -> list[tuple[str, np.ndarray]]:
+        """The device metadata of this batch's backend as named host arrays, in staging order: flash-attn's int32
+        cu_seqlens_q/k and block table; SDPA's int64 query rows, context lengths and padded block table per decode
+        bucket, then each prefill chunk's block ids. (The C++ kernel reads host arrays: none for its chunks.)"""
+        if "layout" in self._cache:
+            return self._cache["layout"]
+        bs, out = self.pool.block_size, []
+        nblk = lambda i: -(-self.ctx_lens[i] // bs)  # noqa: E731
+        if self.backend == "flash":
+            cu = np.zeros((2, len(self.q_lens) + 1), dtype=np.int32)
+            np.cumsum(self.q_lens, out=cu[0, 1:])
+            np.cumsum(self.ctx_lens, out=cu[1, 1:])
+            nb = [nblk(i) for i in range(len(self.q_lens))]
+            table = np.zeros((len(nb), max(nb)), dtype=np.int32)   # padded with block 0, never read (seqlen_k)
+            for r, (t, k) in enumerate(zip(self.block_tables, nb)):
+                table[r, :k] = t[:k]
+            out = [("cu_q", cu[0]), ("cu_k", cu[1]), ("table", table)]
+        else:   # SDPA: every chunk of that backend, and those the C++ backend leaves to it (CPP_MAX_QUERY_ROWS)
+            for b, dec in enumerate(self._decode_buckets() if self.decode_chunks else ()):
+                maxb = max(nblk(i) for i in dec)
+                table = np.zeros((len(dec), maxb), dtype=np.int64)
+                for r, i in enumerate(dec):
+                    table[r, :nblk(i)] = self.block_tables[i][:nblk(i)]
+                out += [(f"rows{b}", np.array([self.q_starts[i] for i in dec], dtype=np.int64)),
+                        (f"ctx{b}", np.array([self.ctx_lens[i] for i in dec], dtype=np.int64)), (f"table{b}", table)]
+            out += [(f"pre{i}", np.asarray(self.block_tables[i][:nblk(i)], dtype=np.int64)) for i in self.prefill_chunks]
+        self._cache["layout"] = out
+        return out
+
+    def staged_size(self) -> int:
+        """int64 slots the device metadata takes in the engine step's staging buffer (each array rounded up to
+        whole 8-byte slots, so every device view starts 8-byte aligned)."""
+        return sum(-(-a.nbytes // 8) for _, a in self._host_layout())
+
+    def stage(self, buf: np.ndarray) -> None:
+        """Write the device metadata into `buf` (int64, `staged_size()` slots of the step's staging buffer)."""
+        o = 0
+        for _, a in self._host_layout():
+            n = -(-a.nbytes // 8)
+            buf[o:o + n].view(np.uint8)[:a.nbytes] = a.reshape(-1).view(np.uint8)
+            o += n
+
+    def bind(self, dev: torch.Tensor) -> None:
+        """Take the device metadata from `dev`, the uploaded copy of what `stage` wrote (int64, on the device):
+        every device tensor the layers read is then a view of the step's one upload, none is copied per call."""
+        views, o = {}, 0
+        for name, a in self._host_layout():
+            n = -(-a.nbytes // 8)
+            t = dev[o:o + n]
+            if a.dtype == np.int32:
+                t = t.view(torch.int32)[:a.size]
+            views[name] = t.view(a.shape)
+            o += n
+        self._views = views
+
+    def _device_arrays(self, device) -> dict:
+        """The device metadata: the views `bind` made, else one copy per array (callers outside the engine step)."""
+        if self._views is None:
+            self._views = {name: torch.from_numpy(a).to(device) for name, a in self._host_layout()}
+        return self._views
+
     def decode_meta(self, device):
-        """Buckets of decodes with similar context lengths (less padding to gather): per bucket
-        (query rows (n,), padded block table (n, maxb), key mask (n, 1, 1, S))."""
+        """Per decode bucket: (query rows (n,), padded block table (n, maxb), key mask (n, 1, 1, S))."""
         if "dec" not in self._cache:
-            bs = self.pool.block_size
-            order = sorted(self.decode_chunks, key=lambda i: self.ctx_lens[i])
-            buckets, cur = [], []
-            for i in order:
-                # NOTE: a new bucket when padding to this length would waste over a quarter of the gather
-                if cur and len(buckets) < 7 and self.ctx_lens[i] > 1.25 * self.ctx_lens[cur[0]] + bs:
-                    buckets.append(cur)
-                    cur = []
-                cur.append(i)
-            buckets.append(cur)
-            out = []
-            for dec in buckets:
-                rows = torch.tensor([self.q_starts[i] for i in dec], device=device)
-                ctx = torch.tensor([self.ctx_lens[i] for i in dec], device=device)
-                maxb = -(-max(self.ctx_lens[i] for i in dec) // bs)
-                # one tensor from padded lists (a per-row torch.as_tensor cost ~40 us each)
-                table = torch.tensor([list(self.block_tables[i][:nb]) + [0] * (maxb - nb)
-                                      for i in dec for nb in (-(-self.ctx_lens[i] // bs),)], dtype=torch.long)
-                mask = (torch.arange(maxb * bs, device=device)[None, :] < ctx[:, None])[:, None, None, :]
-                out.append((rows, table.to(device), mask))
+            d, out = self._device_arrays(device), []
+            for b in range(len(self._decode_buckets())):
+                table, ctx = d[f"table{b}"], d[f"ctx{b}"]
+                S = table.shape[1] * self.pool.block_size
+                mask = (torch.arange(S, device=table.device)[None, :] < ctx[:, None])[:, None, None, :]
+                out.append((d[f"rows{b}"], table, mask))
             self._cache["dec"] = out
         return self._cache["dec"]
+
+    def prefill_table(self, i: int, device) -> torch.Tensor:
+        """Block ids (nb,) int64 on the device that prefill chunk i reads."""
+        return self._device_arrays(device)[f"pre{i}"]
 
     def cpp_meta(self):
         """Chunk metadata as the C++ kernel takes it: int64 q_start/q_len/ctx_len/table_off, int32 tables."""
@@ -119,21 +182,9 @@ class PagedBatch:
 
     def flash_meta(self, device):
         """flash-attn's varlen metadata: int32 cu_seqlens_q/k (chunks + 1,), max lengths, and an int32 block
-        table (chunks, max blocks) padded with block 0 (never read: seqlen_k bounds each row). Built on the
-        host, then one copy per tensor to the device."""
-        if "flash" not in self._cache:
-            bs = self.pool.block_size
-            nb = [-(-c // bs) for c in self.ctx_lens]
-            cu = np.zeros((2, len(nb) + 1), dtype=np.int32)
-            np.cumsum(self.q_lens, out=cu[0, 1:])
-            np.cumsum(self.ctx_lens, out=cu[1, 1:])
-            table = np.zeros((len(nb), max(nb)), dtype=np.int32)
-            for r, (t, k) in enumerate(zip(self.block_tables, nb)):
-                table[r, :k] = t[:k]
-            cu_t = torch.from_numpy(cu).to(device)
-            self._cache["flash"] = (cu_t[0], cu_t[1], max(self.q_lens), max(self.ctx_lens),
-                                    torch.from_numpy(table).to(device))
-        return self._cache["flash"]
+        table (chunks, max blocks) padded with block 0 (never read: seqlen_k bounds each row)."""
+        d = self._device_arrays(device)
+        return d["cu_q"], d["cu_k"], max(self.q_lens), max(self.ctx_lens), d["table"]
 
 
 def flash_unavailable(block_size: int, device, dtype, head_dim: int) -> str | None:
@@ -230,7 +281,7 @@ def attend(q_LHD, layer: int, paged: PagedBatch, scaling=None) -> torch.Tensor:
         out_LHD.index_copy_(0, rows, o.reshape(Nd, q_LHD.shape[1], pool.head_dim))
     for i in paged.prefill_chunks:
         qs, n, ctx = paged.q_starts[i], paged.q_lens[i], paged.ctx_lens[i]
-        k, v = pool.gather(layer, paged.block_tables[i][:-(-ctx // pool.block_size)], ctx)
+        k, v = pool.gather(layer, paged.prefill_table(i, q_LHD.device), ctx)
         q = q_LHD[qs:qs + n].transpose(0, 1)[None]          # (1, Hq, n, D)
         k, v = k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype)
         if ctx == n:

@@ -341,13 +341,14 @@ class RolloutEngine(EngineStep):
         return None
 
     def _vision_forward(self):
-        """(pixel_values, grids, video) -> embeddings: vision_forward.VisionForward when the model allows it
-        (checked per call of generate, like the packed text forward), else transformers' tower."""
+        """(pixel_values on the device, host grids, video) -> embeddings: vision_forward.VisionForward when the
+        model allows it (checked per call of generate, like the packed text forward), else transformers' tower."""
         if self.text_forward != "transformers" and vision_forward.supports(self.model) is None:
             if self._vision_fwd is None:
                 self._vision_fwd = vision_forward.VisionForward(self.model)
-            return lambda pv, grids, video: self._vision_fwd(pv, grids)
-        return lambda pv, grids, video: modeling.vision_embeds(self.model, pv, grids, video=video, patch_matmul=True)
+            return lambda pv, grids, video: self._vision_fwd(pv, grids)   # host grids: its plan reads no device value
+        return lambda pv, grids, video: modeling.vision_embeds(self.model, pv, grids.to(self.device), video=video,
+                                                               patch_matmul=True)
 
     # --- main loop ------------------------------------------------------------------------------------
 
@@ -414,7 +415,7 @@ class RolloutEngine(EngineStep):
             if not lst:
                 continue
             pv = torch.cat([p for _, p, _ in lst]).to(self.device)
-            grids = torch.stack([g for _, _, g in lst]).to(self.device)
+            grids = torch.stack([g for _, _, g in lst])   # (n, 3) on the host (each tower moves what it needs)
             embs = self.vision(pv, grids, kind == "video")
             for (k, p, g), e in zip(lst, embs):
                 computed[k] = (p, g, e)

@@ -24,8 +24,10 @@ from .sampling import counter_uniforms, sample
 class EngineStep:
     # The lean step (issue 16): all host bookkeeping first (scheduler updates, forks, who samples, their uniforms
     # and scripted tokens), then ONE upload of the step's metadata from a staging buffer (pinned when CUDA is
-    # available; non-blocking), the forward with no host reads of device values (packed_forward.py: 10 kernels
-    # per layer), the sampler on the device, and ONE download of the sampled ids with their log-probs.
+    # available; non-blocking), the attention backend's included (PagedBatch.stage / bind: cu_seqlens, block
+    # tables), the forward with no host reads of device values (packed_forward.py: 10 kernels per layer), the
+    # sampler on the device, and ONE download of the sampled ids with their log-probs (tests/test_standin_generate.py
+    # counts both over a whole generate).
     # `step_impl = "unfused"` runs the previous step (op by op, per-tensor uploads): bench_engine_step's baseline.
     step_impl = "lean"
     # CUDA graphs for decode-only steps: OFF until `make gpu-check` has validated capture on a GPU (see
@@ -107,8 +109,10 @@ class EngineStep:
         ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre = rows
         sampling = [(c, q_starts[i] + c.num_tokens - 1) for i, c in enumerate(chunks) if c.samples]
         meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
+        # NOTE: read the block tables now, before the scheduler's updates and forks below
+        n_attn = meta.staged_size()
         if meta.cpp_chunks:
-            meta.cpp_meta()   # NOTE: read the block tables now, before the scheduler's updates and forks below
+            meta.cpp_meta()
         for c in chunks:
             self.sched.update(c.seq_id, c.num_tokens)
         who, who_rows, copies = self._forks(sampling)
@@ -116,9 +120,12 @@ class EngineStep:
         forced = self._forced_tokens(who) if self.forced_rounds is not None and W else None
         greedy = self.params.greedy
 
-        # host staging: [ids L | positions 3L | slots L | head rows N | logit rows W | forced W | uniforms W]
-        host_t, buf = self._staging(5 * L + N + 3 * W)
+        # host staging: [ids L | positions 3L | slots L | head rows N | logit rows W | forced W | uniforms W |
+        # attention metadata A (flash / SDPA backends: cu_seqlens, block tables, ...)]
         o_pos, o_slot, o_rows, o_who, o_forced, o_u = L, 4 * L, 5 * L, 5 * L + N, 5 * L + N + W, 5 * L + N + 2 * W
+        o_attn = o_u + W
+        end = o_attn + n_attn
+        host_t, buf = self._staging(end)
         buf[:L] = ids
         pos = buf[o_pos:o_slot].reshape(3, L)
         if dec_rows:
@@ -133,7 +140,9 @@ class EngineStep:
             buf[o_u:o_u + W].view(np.float64)[:] = counter_uniforms(
                 np.fromiter((s.key for s in who), dtype=np.uint64, count=W),
                 np.fromiter((len(s.tokens) for s in who), dtype=np.uint64, count=W))
-        dev = self._upload(host_t, o_u + W)
+        meta.stage(buf[o_attn:end])
+        dev = self._upload(host_t, end)
+        meta.bind(dev[o_attn:end])
 
         logits_NV = self._forward(dev[:L], dev[o_pos:o_slot].view(3, L), dev[o_slot:o_rows], meta, media_rows,
                                   dev[o_rows:o_who] if N else None)
