@@ -9,8 +9,8 @@
 // The CDF runs in the torch path's order (see draw_row), so both pick the same token for the same u except
 // where u_n falls within rounding (float32 there, float64 here) of a CDF step.
 // Why C++: the torch path costs ~10 small ops per engine step (topk, tie check, flips, softmax, cumsum,
-// searchsorted; ~1.2 ms for 128 x 640 logits measured); this is a vectorized selection of the k-th value
-// (kth_largest), one pass to collect the kept tokens and a sort of k values: ~2.9 us per 640-logit row.
+// searchsorted; ~1.2 ms for 128 x 640 logits measured); this is a guessed threshold checked by one vectorized
+// count, a vectorized selection of the k-th value among the candidates (kth_largest), and a sort of k integers.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -77,40 +78,115 @@ float kth_largest(const float* x, int64_t V, int64_t k, std::vector<int32_t>& ke
   return ninf;   // unreachable: lo is some element's key
 }
 
-int64_t draw_row(const float* x, int64_t V, int64_t top_k, double top_p, double u,
-                 std::vector<std::pair<float, int64_t>>& kept, std::vector<int32_t>& keys) {
+// How many values are >= t (NaN never): a branch-free pass, one clone per vector width.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+int64_t count_ge(const float* x, int64_t V, float t) {
+  int32_t c = 0;   // V < 2^31 (checked by the caller)
+  for (int64_t i = 0; i < V; ++i) c += x[i] >= t;
+  return c;
+}
+
+struct Scratch {   // per thread, reused across rows
+  std::vector<std::pair<float, int64_t>> kept;
+  std::vector<int32_t> keys, cand;
+  std::vector<float> sample, cval;
+  std::vector<uint64_t> sorted;
+  std::vector<double> e;
+};
+
+// s.kept = the row's values >= its k-th largest (all ties kept; -inf and NaN never), ascending by (value, id).
+// The k-th value is found among CANDIDATES: a strided sample of 64 values guesses a threshold t that about 2k + 4
+// of every 64 values reach, one vectorized pass counts them, and when there are between k and 4k + 64 the values
+// >= t (which hold the k largest) are compacted branch-free into a small buffer where kth_largest runs on ~k
+// values instead of V. A guess outside that range falls back to kth_largest over the whole row. The kept values
+// are sorted as 64-bit (order key, id) integers. Measured on a 2-core AMD EPYC (AVX2), 104 rows of 640 logits,
+// k = 50, top_p 1: 5.6 -> 4.1 us a row (k = 5: 3.7 -> 1.1), the same token for every row (a standalone build
+// of both versions, same run).
+void top_k_kept(const float* x, int64_t V, int64_t k, Scratch& s) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  const float kth = top_k > 0 && top_k < V ? kth_largest(x, V, top_k, keys) : ninf;
-  kept.clear();
-  for (int64_t i = 0; i < V; ++i)
-    if (x[i] >= kth && x[i] > ninf) kept.emplace_back(x[i], i);   // NaN and -inf fail both tests
+  float kth = ninf;
+  int64_t m = V;                  // the values kept ones are collected from: s.cand[0, m) or the whole row
+  bool from_cand = false;
+  if (k > 0 && k < V) {
+    const int64_t S = std::min<int64_t>(V, 64), stride = V / S;
+    s.sample.resize(S);
+    for (int64_t j = 0; j < S; ++j) {
+      const float v = x[j * stride];
+      s.sample[j] = v == v ? v : ninf;   // NaN ranks last (a strict weak order for nth_element)
+    }
+    const int64_t r = std::min<int64_t>(S - 1, 2 * (k * S / V) + 4);
+    std::nth_element(s.sample.begin(), s.sample.begin() + r, s.sample.end(), std::greater<float>());
+    const float t = s.sample[r];
+    const int64_t c = count_ge(x, V, t);
+    if (c >= k && c <= 4 * k + 64) {
+      s.cand.resize(V);
+      s.cval.resize(V);
+      m = 0;
+      for (int64_t i = 0; i < V; ++i) {   // branch-free compaction of the candidates
+        s.cand[m] = static_cast<int32_t>(i);
+        s.cval[m] = x[i];
+        m += x[i] >= t;
+      }
+      kth = kth_largest(s.cval.data(), m, k, s.keys);   // exact: the k largest are all candidates
+      from_cand = true;
+    } else {
+      kth = kth_largest(x, V, k, s.keys);
+    }
+  }
+  // kept as 64-bit sort keys: (order key of the value, id) ascending = ascending value, ties by id
+  s.sorted.clear();
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t i = from_cand ? s.cand[j] : j;
+    if (x[i] >= kth && x[i] > ninf)   // NaN and -inf fail both tests
+      s.sorted.push_back((static_cast<uint64_t>(static_cast<uint32_t>(order_key(x[i])) ^ 0x80000000u) << 32) |
+                         static_cast<uint32_t>(i));
+  }
+  std::sort(s.sorted.begin(), s.sorted.end());
+  s.kept.resize(s.sorted.size());
+  for (size_t j = 0; j < s.sorted.size(); ++j) {
+    const int64_t i = static_cast<int64_t>(s.sorted[j] & 0xffffffffu);
+    s.kept[j] = {x[i], i};
+  }
+}
+
+int64_t draw_row(const float* x, int64_t V, int64_t top_k, double top_p, double u, Scratch& s) {
+  top_k_kept(x, V, top_k, s);
+  auto& kept = s.kept;
+  auto& e = s.e;
   if (kept.empty()) {   // every logit -inf/NaN: no distribution; the lowest id, as argmax of an all -inf row
     return 0;
   }
-  std::sort(kept.begin(), kept.end());   // ascending value, ties by id
   const double mx = kept.back().first;
+  const size_t n = kept.size();
+  e.resize(n);
+  auto fill_e = [&](size_t j0) { for (size_t j = j0; j < n; ++j) e[j] = std::exp((double)kept[j].first - mx); };
+  fill_e(0);
   size_t first = 0;
   if (top_p < 1.0) {
     double total = 0;
-    for (auto& [v, i] : kept) total += std::exp((double)v - mx);
+    for (size_t j = 0; j < n; ++j) total += e[j];
     double cum = 0;
-    while (first + 1 < kept.size()) {   // the most likely token always stays
-      cum += std::exp((double)kept[first].first - mx) / total;
+    while (first + 1 < n) {   // the most likely token always stays
+      cum += e[first] / total;
       if (cum > 1.0 - top_p) break;
       ++first;
     }
   }
   // CDF order of the torch path: ascending value when top-k cut the row without ties at the k-th value (its
   // top-k-only path), vocabulary order otherwise (its full-vocabulary path); either order, same distribution
-  const bool cut = top_k > 0 && top_k < V && (int64_t)kept.size() == top_k;
-  if (!cut)
+  const bool cut = top_k > 0 && top_k < V && (int64_t)n == top_k;
+  if (!cut) {
     std::sort(kept.begin() + first, kept.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+    fill_e(first);
+  }
   double total = 0;
-  for (size_t j = first; j < kept.size(); ++j) total += std::exp((double)kept[j].first - mx);
+  for (size_t j = first; j < n; ++j) total += e[j];
   const double target = u * total;
   double cum = 0;
-  for (size_t j = first; j < kept.size(); ++j) {
-    cum += std::exp((double)kept[j].first - mx);
+  for (size_t j = first; j < n; ++j) {
+    cum += e[j];
     if (cum > target) return kept[j].second;
   }
   return kept.back().second;
@@ -134,10 +210,9 @@ void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, d
   py::gil_scoped_release release;
 #pragma omp parallel if (N * V > (1 << 18))
   {
-    std::vector<std::pair<float, int64_t>> kept;
-    std::vector<int32_t> keys;
+    Scratch scratch;
 #pragma omp for schedule(dynamic, 8)
-    for (int64_t n = 0; n < N; ++n) o[n] = draw_row(x + n * V, V, top_k, top_p, up[n], kept, keys);
+    for (int64_t n = 0; n < N; ++n) o[n] = draw_row(x + n * V, V, top_k, top_p, up[n], scratch);
   }
 }
 
