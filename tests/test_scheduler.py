@@ -68,6 +68,8 @@ def test_bad_arguments_are_value_errors_naming_them(impl):
         s.add_group(7, 4, 0)
     with pytest.raises(ValueError, match="unknown seq_id 99"):
         s.append_tokens(99, 1)
+    with pytest.raises(ValueError, match="unknown seq_id 99"):
+        s.append_one_each([99])
     with pytest.raises(ValueError, match="unknown seq_id -1"):
         s.seq_state(-1)
     with pytest.raises(ValueError, match="n must be >= 1"):
@@ -437,6 +439,7 @@ def simulate(impls, seed: int, cfg: SchedulerConfig, num_groups: int, max_steps:
         for sid, start, n, _, _, samples in rec[0]:
             all_("update", sid, n)
             computed[sid] += n
+        plain = []
         for sid, start, n, _, _, samples in rec[0]:
             if not samples:
                 continue
@@ -459,11 +462,14 @@ def simulate(impls, seed: int, cfg: SchedulerConfig, num_groups: int, max_steps:
                 budget_left[x] -= 1
                 sampled[x] = computed[x] == len(tokens[x])
                 tokens[x].append(("s", x, len(tokens[x])))
-                all_("append_tokens", x, 1)
                 if rounds_left[x] and rng.random() < 0.15:
+                    all_("append_tokens", x, 1)
                     rounds_left[x] -= 1
                     all_("await_observation", x)
                     obs_due[x] = (t + rng.randint(0, 3), rng.randint(1, 3 * bs + 5))
+                else:   # as the engine does: tokens that end nothing, announced in one call after the step
+                    plain.append(x)
+        all_("append_one_each", plain)
         if rng.random() < 0.01 and tokens:  # the engine aborts a random live sequence
             victim = rng.choice(sorted(tokens))
             if not sched_finished(s0, victim):

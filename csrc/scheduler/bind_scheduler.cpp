@@ -124,6 +124,11 @@ void register_scheduler(py::module_& m) {
       .def("update", &Scheduler::update, py::arg("seq_id"), py::arg("num_computed"))
       .def("fork_ready", &Scheduler::fork_ready, py::arg("group_id"))
       .def("append_tokens", &Scheduler::append_tokens, py::arg("seq_id"), py::arg("n"))
+      .def("append_one_each",
+           [](Scheduler& s, const std::vector<int64_t>& seq_ids) {
+             for (int64_t id : seq_ids) s.append_tokens(id, 1);
+           },
+           py::arg("seq_ids"), "append_tokens(seq_id, 1) for each id (one call for a step's sampled tokens).")
       .def("await_observation", &Scheduler::await_observation, py::arg("seq_id"))
       .def("finish", &Scheduler::finish, py::arg("seq_id"))
       .def_property_readonly("num_free_blocks", &Scheduler::num_free_blocks)

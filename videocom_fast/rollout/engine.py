@@ -251,6 +251,7 @@ class RolloutEngine(EngineStep):
         self.suppress_ids = torch.tensor([c.vision_start, c.vision_end, c.image_pad, c.video_pad, c.im_start],
                                          device=self.device)
         self._pieces: dict[int, str] = {}
+        self._may_end: dict[int, bool] = {}   # token id -> may it end a round (<|im_end|>, a line break)
         self._vision_fwd = None   # vision_forward.VisionForward, kept across generate() calls (grid-plan cache)
         self.stats: dict = {}
 

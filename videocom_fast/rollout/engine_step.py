@@ -19,6 +19,7 @@ from . import attention as attn
 from . import packed_forward
 from .kv_cache import StepCache
 from .sampling import counter_uniforms, sample
+from .stopping import has_line_break
 
 
 class EngineStep:
@@ -157,8 +158,28 @@ class EngineStep:
         # the step's one download (and its one sync): ids as float64 (exact below 2^53) beside their log-probs
         tok_f, lp_f = torch.stack((tokens.to(torch.float64), lps.to(torch.float64))).cpu().tolist()
         self.stats["generated_tokens"] += W
-        for s, tok, lp in zip(who, tok_f, lp_f):
-            self._on_token(s, int(tok), lp)
+        self._on_tokens(who, tok_f, lp_f)
+
+    def _on_tokens(self, who, toks, lps) -> None:
+        """Hand each sampled token to its sequence. Most tokens end nothing: they are appended here (what
+        `_on_token` does for them) and the scheduler learns of them in one call; a token that may end its round
+        (<|im_end|>, a line break, the round's last allowed token) goes through `_on_token`."""
+        may_end, last = self._may_end, self.max_new_tokens - 1
+        plain = []
+        for s, tok, lp in zip(who, toks, lps):
+            tok = int(tok)
+            end = may_end.get(tok)
+            if end is None:
+                end = may_end[tok] = tok == self.chat.im_end or has_line_break(self._piece(tok))
+            if end or s.round_len >= last:
+                self._on_token(s, tok, lp)
+            else:
+                s.append_text(tok, True, lp)
+                s.round_len += 1
+                s.known += 1
+                plain.append(s.sid)
+        if plain:
+            self.sched.append_one_each(plain)
 
     def _forward(self, ids_L, pos_3L, slots_L, meta, media_rows, head_rows):
         """The step's model work, shared by both step implementations: embeddings (media rows scattered in), the

@@ -252,6 +252,11 @@ class Scheduler:
         s.num_tokens += n
         s.awaiting_obs = False
 
+    def append_one_each(self, seq_ids: list[int]) -> None:
+        """`append_tokens(seq_id, 1)` for each id (one call for a step's sampled tokens)."""
+        for sid in seq_ids:
+            self.append_tokens(sid, 1)
+
     def await_observation(self, seq_id: int) -> None:
         s = self._get(seq_id, "await_observation")
         self._check_live(s, "await_observation")
