@@ -16,6 +16,9 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
 
 #include "check.h"
 #include "fused_step.h"
@@ -113,6 +116,55 @@ void row(const float* __restrict g, const float* __restrict u, float* __restrict
 }  // namespace silu_avx512
 #pragma GCC pop_options
 
+// AVX2 + FMA (CPUs without AVX-512): the same polynomial written with intrinsics, 8 lanes, since GCC left the
+// plain loop partly scalar for AVX2. Measured on a 2-core AMD EPYC (AVX2 only), the 28-layer tiny model's decode
+// step (32 x 256 per layer): libm's scalar expf cost ~100 us a layer, ~2.9 ms a step (bench_engine_step).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace silu_avx2 {
+#include "exp_neg.h"   // exp_f32(float) for the tail, compiled here for AVX2
+
+inline __m256 exp8(__m256 x) {   // exp_clamped of exp_neg.h, lane-wise
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  const __m256 r = _mm256_add_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f))),
+                                 _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic)), _mm256_set1_epi32(127)),
+      23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+void row(const float* __restrict g, const float* __restrict u, float* __restrict o, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  int64_t f = 0;
+  for (; f + 8 <= n; f += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + f);
+    const __m256 e = exp8(_mm256_sub_ps(zero, gv));
+    _mm256_storeu_ps(o + f, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + f)));
+  }
+  for (; f < n; ++f) o[f] = g[f] / (1.0f + exp_f32(-g[f])) * u[f];
+}
+}  // namespace silu_avx2
+#pragma GCC pop_options
+
+bool has_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+
 bool has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
@@ -126,6 +178,7 @@ bool has_avx512() {
 void silu_mul_row_f32(const float* g, const float* u, float* o, int64_t n) {
 #ifdef VCF_SILU_AVX512
   if (has_avx512()) return silu_avx512::row(g, u, o, n);
+  if (has_avx2()) return silu_avx2::row(g, u, o, n);
 #endif
   for (int64_t f = 0; f < n; ++f) o[f] = vcf::silu_mul<float>(g[f], u[f]);
 }

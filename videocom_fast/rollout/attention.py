@@ -250,10 +250,10 @@ def paged_attention(module, query, key, value, attention_mask, *, scaling=None, 
     return attend(query[0].transpose(0, 1), module.layer_idx, paged, scaling)[None], None
 
 
-def attend(q_LHD, layer: int, paged: PagedBatch, scaling=None) -> torch.Tensor:
+def attend(q_LHD, layer: int, paged: PagedBatch, scaling=None, out=None) -> torch.Tensor:
     """Causal attention of the step's packed queries (L, Hq, D), after RoPE, to the pool's rows of `layer`
-    (the step's own K/V already written there); returns (L, Hq, D). Shared by the transformers hook above
-    and the engine's packed forward (packed_forward.py)."""
+    (the step's own K/V already written there); returns (L, Hq, D), written into `out` when given (the C++
+    and SDPA backends). Shared by the transformers hook above and the engine's packed forward (packed_forward.py)."""
     pool = paged.pool
     kp, vp = pool.k[layer], pool.v[layer]
     scaling = scaling if scaling is not None else q_LHD.shape[-1] ** -0.5
@@ -263,10 +263,11 @@ def attend(q_LHD, layer: int, paged: PagedBatch, scaling=None) -> torch.Tensor:
         q = q_LHD if q_LHD.stride(-1) == 1 else q_LHD.contiguous()
         return flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True,
                                       block_table=table)
-    out_LHD = torch.empty(q_LHD.shape, dtype=q_LHD.dtype, device=q_LHD.device)
+    out_LHD = out if out is not None else torch.empty(q_LHD.shape, dtype=q_LHD.dtype, device=q_LHD.device)
     if paged.cpp_chunks:
         from videocom_fast import _C
-        _C.paged_attention(q_LHD.numpy(), kp.numpy(), vp.numpy(), out_LHD.numpy(), *paged.cpp_meta(), scaling)
+        _C.paged_attention(q_LHD.numpy(), pool.k_np[layer], pool.v_np[layer], out_LHD.numpy(), *paged.cpp_meta(),
+                           scaling)
     for rows, table, mask in (paged.decode_meta(q_LHD.device) if paged.decode_chunks else ()):
         Nd, maxb = table.shape
         # index_select of whole blocks on the flat table: ~4x faster than advanced indexing kp[table] on CPU

@@ -54,12 +54,19 @@ class PagedKVPool:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.layout = layout
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # one tensor per K and V holding every layer (`copy_rows` is then one copy each), seen per layer
         if layout == "k_transposed":   # storage (NB, Hkv, D, BS), seen as (NB, BS, Hkv, D)
-            self.k = [torch.zeros(num_blocks, num_kv_heads, head_dim, block_size, dtype=dtype, device=device)
-                      .permute(0, 3, 1, 2) for _ in range(num_layers)]
+            self._k = torch.zeros(num_layers, num_blocks, num_kv_heads, head_dim, block_size, dtype=dtype,
+                                  device=device).permute(0, 1, 4, 2, 3)
         else:
-            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self._k = torch.zeros(num_layers, *shape, dtype=dtype, device=device)
+        self._v = torch.zeros(num_layers, *shape, dtype=dtype, device=device)
+        self.k, self.v = list(self._k.unbind(0)), list(self._v.unbind(0))
+        # numpy views of a pool the C++ kernels read (CPU, float32/float64), made once: they take them every layer
+        # of every step
+        cpp = torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)
+        self.k_np = [t.numpy() for t in self.k] if cpp else None
+        self.v_np = [t.numpy() for t in self.v] if cpp else None
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +89,7 @@ class PagedKVPool:
             k, v = key_LHD.detach().to(kp.dtype), value_LHD.detach().to(vp.dtype)   # (no copy when equal)
             k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
             # the binding checks every slot against the pool (ValueError naming the index)
-            _C.paged_kv_write(kp.numpy(), vp.numpy(), slots_L.to(torch.int64).contiguous().numpy(),
+            _C.paged_kv_write(self.k_np[layer], self.v_np[layer], slots_L.to(torch.int64).contiguous().numpy(),
                               k.numpy(), v.numpy())
             return
         self.k[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots_L, key_LHD.to(self.k[layer].dtype))
@@ -100,8 +107,8 @@ class PagedKVPool:
         if not (0 <= src < self.num_blocks and 0 <= dst < self.num_blocks and 0 < rows <= self.block_size):
             raise ValueError(f"copy_rows: bad src={src}, dst={dst} or rows={rows} (num_blocks "
                              f"{self.num_blocks}, block_size {self.block_size})")
-        for t in (*self.k, *self.v):
-            t[dst, :rows].copy_(t[src, :rows])
+        for t in (self._k, self._v):
+            t[:, dst, :rows].copy_(t[:, src, :rows])
 
 
 class StepCache:

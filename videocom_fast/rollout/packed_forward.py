@@ -239,6 +239,10 @@ class PackedForward:
         b.k_np = b.qkv_np[:, Hq * Dh:(Hq + Hkv) * Dh].reshape(L, Hkv, Dh)   # strided rows: views, no copies
         b.v_np = b.qkv_np[:, (Hq + Hkv) * Dh:].reshape(L, Hkv, Dh)
         b.q = b.qkv[:, :Hq * Dh].view(L, Hq, Dh)
+        b.o = torch.empty(L, Hq, Dh, dtype=x.dtype)   # attention output, every layer
+        b.o_flat, b.q_np, b.o_np = b.o.view(L, Hq * Dh), b.q.numpy(), b.o.numpy()
+        # every chunk on the C++ kernel (the default): called directly, with the step's metadata read once
+        b.attn_meta = paged.cpp_meta() if len(paged.cpp_chunks) == len(paged.q_lens) else None
         b.slots_np = slots_L.to(torch.int64).contiguous().numpy()
         for i in range(len(self.w.layers)):
             self._layer_cpu(i, b, paged)
@@ -248,13 +252,15 @@ class PackedForward:
         """Layer i of `_layers_cpu` (b: its buffers). The kernels are looked up on the module at each call (the op
         counter of the tests wraps them, and this method)."""
         C, w, pool = fused._cpp(), self.w.layers[i], paged.pool
-        L, Hq, Dh = b.x.shape[0], self.num_heads, self.head_dim
         C.fused_add_rms_norm(b.x_np, b.d_np if i else None, w["ln1_np"], b.h_np, w["eps1"])
         _linear_into(b.qkv, b.h, w["wqkv_t"], w["bqkv"])
-        C.fused_rotary(b.rot_np, b.cos_np, b.sin_np, Dh)
-        C.paged_kv_write(pool.k[i].numpy(), pool.v[i].numpy(), b.slots_np, b.k_np, b.v_np)
-        o = attn.attend(b.q, i, paged, w["scaling"])
-        _linear_into(b.ao, o.view(L, Hq * Dh), w["wo_t"], w["bo"])
+        C.fused_rotary(b.rot_np, b.cos_np, b.sin_np, self.head_dim)
+        C.paged_kv_write(pool.k_np[i], pool.v_np[i], b.slots_np, b.k_np, b.v_np)
+        if b.attn_meta is not None:
+            C.paged_attention(b.q_np, pool.k_np[i], pool.v_np[i], b.o_np, *b.attn_meta, w["scaling"])
+        else:
+            attn.attend(b.q, i, paged, w["scaling"], out=b.o)
+        _linear_into(b.ao, b.o_flat, w["wo_t"], w["bo"])
         C.fused_add_rms_norm(b.x_np, b.ao_np, w["ln2_np"], b.h_np, w["eps2"])
         _linear_into(b.gu, b.h, w["wgu_t"], w["bgu"])
         C.fused_silu_mul(b.gu_np, b.act_np)
