@@ -67,6 +67,44 @@ def test_silu_mul_within_twice_the_plain_error():
         assert _err(got, ref) <= 2 * plain + ulp + 1e-12, (L, Fw, _err(got, ref), plain)
 
 
+_SILU_ISA_CHECK = """
+import sys, torch
+from videocom_fast import _C
+from videocom_fast.rollout import fused_step as F
+isa = sys.argv[1]
+assert _C.silu_isa() == isa, (_C.silu_isa(), isa)
+for L, Fw in [(1, 1), (9, 37), (64, 256), (3, 18944), (2, 7), (1, 15)]:   # 8-lane bodies and scalar tails
+    gu = torch.randn(L, 2 * Fw) * 6
+    ref = F.silu_mul_ref(gu.double())
+    plain = (F.silu_mul_ref(gu).double() - ref).abs().max().item()
+    out = torch.full((L, Fw), float("nan"))
+    _C.fused_silu_mul(gu.numpy(), out.numpy())
+    err = (out.double() - ref).abs().max().item()
+    ulp = torch.finfo(torch.float32).eps * ref.abs().max().item()
+    assert err <= 2 * plain + ulp + 1e-12, (isa, L, Fw, err, plain)
+print("ok", isa)
+"""
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_silu_mul_every_instruction_set_within_twice_the_plain_error(isa):
+    # The kernel picks its path once per process (VIDEOCOM_CPU_ISA caps it), so each path runs in its own
+    # process: on an AVX-512 machine this is what runs the AVX2 intrinsics at all.
+    if isa not in _C.cpu_isas():
+        pytest.skip(f"this CPU cannot run {isa} (it has {_C.cpu_isas()})")
+    r = subprocess.run([sys.executable, "-c", _SILU_ISA_CHECK, isa], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, VIDEOCOM_CPU_ISA=isa))
+    assert r.returncode == 0 and r.stdout.strip() == f"ok {isa}", r.stdout + r.stderr
+
+
+def test_unknown_instruction_set_is_named():
+    code = ("import torch\nfrom videocom_fast import _C\n"
+            "_C.fused_silu_mul(torch.randn(2, 8).numpy(), torch.empty(2, 4).numpy())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, VIDEOCOM_CPU_ISA="sse9"))
+    assert r.returncode != 0 and "ValueError: VIDEOCOM_CPU_ISA=sse9" in r.stderr, r.stderr
+
+
 def test_bad_buffers_are_named():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="residual"):
