@@ -15,8 +15,8 @@ VIDEOCOM_DALI_DECODERS    most DALI video pipelines (decoders) alive in one proc
 LOCAL_RANK                (set by torchrun / deepspeed) the GPU a process decodes video on
 VIDEOCOM_SCHEDULER        rollout scheduler: "auto" (default: C++ when built), "cpp", "python" (the twin)
 VIDEOCOM_CUDA             build time only (CMake): AUTO | ON | OFF
-VIDEOCOM_CPU_ISA          read by the C++ extension: caps the instruction set of the SiLU*mul kernel
-                          ("avx512", "avx2", "scalar"; default: the CPU's best), for tests of each path
+VIDEOCOM_CPU_ISA          read by the C++ extension: caps the instruction set of the SiLU*mul rows
+                          ("avx512", "avx2", "baseline"; default: the CPU's best) and the paged attention tiles, for tests
 """
 import os
 

@@ -23,6 +23,7 @@
 #endif
 
 #include "check.h"
+#include "cpu_isa.h"
 #include "fused_step.h"
 
 namespace py = pybind11;
@@ -159,61 +160,12 @@ void row(const float* __restrict g, const float* __restrict u, float* __restrict
 }  // namespace silu_avx2
 #pragma GCC pop_options
 
-bool has_avx2() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
-}
-
-bool has_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  }();
-  return yes;
-}
 #endif
 
-// The SiLU row's instruction set: the best this CPU has, or the cap VIDEOCOM_CPU_ISA names ("avx512", "avx2",
-// "scalar"; read once), so that a CI machine with AVX-512 also runs the AVX2 intrinsics and the scalar loop
-// (tests/test_fused_step.py runs the kernel test once per path the CPU supports, in a subprocess each).
-enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
-constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
-
-Isa best_isa() {
+void silu_mul_row_f32(const float* g, const float* u, float* o, int64_t n, vcf::Isa isa) {
 #ifdef VCF_SILU_AVX512
-  if (has_avx512()) return Isa::avx512;
-  if (has_avx2()) return Isa::avx2;
-#endif
-  return Isa::scalar;
-}
-
-Isa pick_isa() {
-  const Isa best = best_isa();
-  const char* env = std::getenv("VIDEOCOM_CPU_ISA");
-  const std::string want = env ? env : "";
-  if (want.empty() || want == "auto") return best;
-  for (int i = 0; i < 3; ++i) {
-    if (want != kIsaNames[i]) continue;
-    VCF_CHECK(i <= static_cast<int>(best), "VIDEOCOM_CPU_ISA=" + want + ": this CPU's best is " +
-                                               kIsaNames[static_cast<int>(best)]);
-    return static_cast<Isa>(i);
-  }
-  throw py::value_error("VIDEOCOM_CPU_ISA=" + want + ": expected auto, avx512, avx2 or scalar");
-}
-
-Isa silu_isa() {
-  static const Isa isa = pick_isa();   // a bad value throws here, at every call, never picks silently
-  return isa;
-}
-
-void silu_mul_row_f32(const float* g, const float* u, float* o, int64_t n, Isa isa) {
-#ifdef VCF_SILU_AVX512
-  if (isa == Isa::avx512) return silu_avx512::row(g, u, o, n);
-  if (isa == Isa::avx2) return silu_avx2::row(g, u, o, n);
+  if (isa == vcf::Isa::avx512) return silu_avx512::row(g, u, o, n);
+  if (isa == vcf::Isa::avx2) return silu_avx2::row(g, u, o, n);
 #endif
   for (int64_t f = 0; f < n; ++f) o[f] = vcf::silu_mul<float>(g[f], u[f]);
 }
@@ -225,7 +177,7 @@ void silu_mul_typed(const py::array& gu, py::array& out) {
   VCF_CHECK(out.writeable(), "out: must be writable");
   const T* gp = static_cast<const T*>(gu.data());
   T* op = static_cast<T*>(out.mutable_data());
-  const Isa isa = silu_isa();
+  const vcf::Isa isa = vcf::cpu_isa();
 #pragma omp parallel for if (L * F >= (1 << 18))
   for (int64_t i = 0; i < L; ++i) {
     const T* g = gp + i * sg;
@@ -256,13 +208,13 @@ void register_fused_step(py::module_& m) {
         "of x's dtype. Rows may be strided (the q and k heads of a fused QKV output).");
   m.def("fused_silu_mul", &fused_silu_mul, py::arg("gate_up"), py::arg("out"),
         "out (L, F) = silu(gate_up[:, :F]) * gate_up[:, F:] for gate_up (L, 2 F).");
-  m.def("silu_isa", [] { return std::string(kIsaNames[static_cast<int>(silu_isa())]); },
-        "The instruction set fused_silu_mul's float32 rows run: 'avx512', 'avx2' or 'scalar' (the CPU's best, or "
-        "the VIDEOCOM_CPU_ISA cap; a bad or unsupported cap raises ValueError).");
+  m.def("cpu_isa", [] { return std::string(vcf::kIsaNames[static_cast<int>(vcf::cpu_isa())]); },
+        "The instruction set of the kernels with per-ISA copies (SiLU*mul rows, paged attention tiles): 'avx512', "
+        "'avx2' or 'baseline' (the CPU's best, or the VIDEOCOM_CPU_ISA cap; a bad or unsupported cap: ValueError).");
   m.def("cpu_isas", [] {
           std::vector<std::string> out;
-          for (int i = 0; i <= static_cast<int>(best_isa()); ++i) out.emplace_back(kIsaNames[i]);
+          for (int i = 0; i <= static_cast<int>(vcf::best_isa()); ++i) out.emplace_back(vcf::kIsaNames[i]);
           return out;
         },
-        "The SiLU paths this CPU can run, scalar first.");
+        "The instruction sets this CPU can run, baseline first.");
 }

@@ -20,6 +20,7 @@
 // Accumulation is in the input's precision (float32 or float64): fp64 keeps the engine's greedy-equality
 // tests against the naive loop meaningful.
 #include "paged_attention.h"
+#include "cpu_isa.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"   // vector-typed helpers in the non-AVX copies: an ABI note, no bug
@@ -89,11 +90,11 @@ using RunItem = void (*)(const PagedAttentionArgs&, const Item&, const T*, const
 template <typename T>
 RunItem<T> pick_run_item() {
 #ifdef VCF_PA_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw"))
-    return avx512::run_item<T>;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2::run_item<T>;
+  switch (vcf::cpu_isa()) {   // the CPU's best, or the VIDEOCOM_CPU_ISA cap (cpu_isa.h)
+    case vcf::Isa::avx512: return avx512::run_item<T>;
+    case vcf::Isa::avx2: return avx2::run_item<T>;
+    case vcf::Isa::baseline: break;
+  }
 #endif
   return generic::run_item<T>;
 }
