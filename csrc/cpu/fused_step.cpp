@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -103,7 +102,8 @@ void fused_rotary(py::array& x, const py::array& cos, const py::array& sin, int6
 // per 32 x 256 decode layer, ~0.8 ms per 1,069-row prefill layer: ~3 ns an element, slower than ATen's two
 // vectorized kernels). With AVX-512 the row runs exp_neg.h's polynomial exp (exp_f32) (Cephes' expf, ~1 ulp), which the
 // compiler vectorizes: 8,192 elements in 3.7 us instead of 27-29 us, measured on this machine's EPYC. The same
-// polynomial compiled for AVX2 or SSE2 ran at 26-41 us (GCC 12 left part of it scalar), so other CPUs keep libm.
+// polynomial compiled for AVX2 or SSE2 ran at 26-41 us (GCC 12 left part of it scalar): AVX2 CPUs run the intrinsics copy
+// below, others keep libm; vcf::cpu_isa() (cpu_isa.h) picks the copy, capped by VIDEOCOM_CPU_ISA in tests.
 // Same formula as vcf::silu_mul, g / (1 + exp(-g)) * u; exp's ~1 ulp (and FMA contraction in the AVX-512 copy)
 // make it differ from libm's by about an ulp: the test holds it to 2x the plain implementation's error.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
