@@ -180,6 +180,38 @@ def test_vision_cache_shares_identical_requests_within_a_group(model32, rollout_
     assert len(prepped) == 2 + 2 * 3 and len(set(prepped)) == len(prepped)
 
 
+@pytest.mark.parametrize("attention", ["cpp", "sdpa"])
+def test_no_backend_reads_a_pool_row_it_never_wrote(model32, rollout_samples, monkeypatch, attention):
+    """The C++ kernel's pool is left uninitialized (kv_cache.PagedKVPool `fill`): poisoned with NaN (what
+    uninitialized memory may hold), sampled rollouts keep every token and log-prob of a zero-filled run, so no
+    row past a context is ever read. SDPA reads whole blocks under a mask: the same poison changes its rollouts
+    (the check can fail), and so its pool comes zero-filled."""
+    from videocom_fast.rollout import engine as engine_mod
+    model, proc = model32
+    samples = rollout_samples[:2]
+    fills, poison = [], [False]
+
+    class Pool(engine_mod.PagedKVPool):
+        def __init__(self, *a, **k):
+            fills.append(k.get("fill"))
+            super().__init__(*a, **k)
+            if poison[0]:
+                self._k.fill_(float("nan"))
+                self._v.fill_(float("nan"))
+    monkeypatch.setattr(engine_mod, "PagedKVPool", Pool)
+    eng = _engine(model, proc, samples, attention=attention, max_rounds=4)
+    runs = []
+    for poison[0] in (False, True):
+        trajs = eng.generate(samples, num_generations=3, seed=5)
+        runs.append([(t.token_ids, t.logprobs) for g in trajs for t in g])
+    if attention == "cpp":
+        assert fills == [None, None]
+        assert runs[0] == runs[1]
+    else:
+        assert fills == [0.0, 0.0]
+        assert runs[0] != runs[1]
+
+
 def test_bad_arguments(model32):
     model, proc = model32
     with pytest.raises(ValueError, match="max_rounds"):

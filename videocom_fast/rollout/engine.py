@@ -189,9 +189,12 @@ class RolloutEngine(EngineStep):
     memory free at that moment, so what training freed counts), and dropped when `generate` returns: between
     rollouts (forward, backward, optimizer step) the engine holds no KV memory. `keep_kv_pool=True` keeps it
     for the next call (reused when the next call asks for the same number of blocks). `release_kv_pool()`
-    drops a kept pool. (Cost of a fresh pool: zero-filling it, measured 1.4 s for 512 MiB on a loaded 2-core
-    CPU; cudaMemset on a GPU is far cheaper. CPU callers that roll out in a loop may keep it.) Block size: None picks `attention.FLASH_BLOCK_SIZE` (256) when flash-attn's paged path
-    will run, else 16."""
+    drops a kept pool. The C++ kernel's pool (CPU) is left uninitialized: the kernel never reads a row past a
+    sequence's context (tests/test_rollout.py poisons the pool with NaN), so only the pages KV is written to
+    are touched; zero-filling the CPU's default 256 MiB cost 185 ms per generate, 5% of bench_rollout's small
+    workload. SDPA's decode path reads whole blocks under a mask (a NaN survives it) and flash-attn's paged
+    path is not proven here, so their pools are zero-filled (a memset on the GPU). Block size: None picks
+    `attention.FLASH_BLOCK_SIZE` (256) when flash-attn's paged path will run, else 16."""
 
     def __init__(self, model, processor, *, max_rounds: int = 5, max_new_tokens: int = 512,
                  max_batch_tokens: int = 4096, kv_budget_tokens: int | None = None, block_size: int | None = None,
@@ -324,8 +327,9 @@ class RolloutEngine(EngineStep):
         scratch = 1 if self.PAD_DECODES else 0    # padded decode rows' block, never the scheduler's (engine_step)
         if self.pool is None or self.pool.num_blocks != num_blocks + scratch:
             self.pool = None    # NOTE: the old pool is freed before the new one is allocated
+            # the C++ kernel never reads an unwritten row (tested with a NaN-poisoned pool): no zero-fill for it
             self.pool = PagedKVPool(layers, num_blocks + scratch, bs, hkv, hd, dtype=self.dtype, device=self.device,
-                                    layout=self._pool_layout)
+                                    layout=self._pool_layout, fill=None if self.attn_backend == "cpp" else 0.0)
         self._scratch_block = num_blocks if scratch else None
         self.sched_config = dataclasses.replace(self.sched_config, num_blocks=num_blocks)
 

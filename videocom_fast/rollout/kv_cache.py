@@ -24,6 +24,8 @@ The scheduler (videocom_fast.rollout.scheduler) decides block tables; this modul
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 LAYOUTS = ("k_transposed", "standard")
@@ -37,7 +39,7 @@ def default_layout(device, dtype) -> str:
 
 class PagedKVPool:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 *, dtype=torch.float32, device="cpu", layout: str = "auto"):
+                 *, dtype=torch.float32, device="cpu", layout: str = "auto", fill: float | None = 0.0):
         if layout == "auto":
             layout = default_layout(device, dtype)
         if layout not in LAYOUTS:
@@ -54,13 +56,17 @@ class PagedKVPool:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.layout = layout
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # `fill` None leaves the pool uninitialized: only for readers that never look past a sequence's context
+        # (the C++ kernel). SDPA's decode path gathers whole blocks and masks them, and a NaN bit pattern survives
+        # a mask. On the CPU a fill is the first touch of every page: 185 ms for the default 256 MiB
+        make = torch.empty if fill is None else functools.partial(torch.full, fill_value=fill)
         # one tensor per K and V holding every layer (`copy_rows` is then one copy each), seen per layer
         if layout == "k_transposed":   # storage (NB, Hkv, D, BS), seen as (NB, BS, Hkv, D)
-            self._k = torch.zeros(num_layers, num_blocks, num_kv_heads, head_dim, block_size, dtype=dtype,
-                                  device=device).permute(0, 1, 4, 2, 3)
+            self._k = make((num_layers, num_blocks, num_kv_heads, head_dim, block_size), dtype=dtype,
+                           device=device).permute(0, 1, 4, 2, 3)
         else:
-            self._k = torch.zeros(num_layers, *shape, dtype=dtype, device=device)
-        self._v = torch.zeros(num_layers, *shape, dtype=dtype, device=device)
+            self._k = make((num_layers, *shape), dtype=dtype, device=device)
+        self._v = make((num_layers, *shape), dtype=dtype, device=device)
         self.k, self.v = list(self._k.unbind(0)), list(self._v.unbind(0))
         # numpy views of a pool the C++ kernels read (CPU, float32/float64), made once: they take them every layer
         # of every step
