@@ -171,13 +171,17 @@ class PagedBatch:
         if "cpp" not in self._cache:
             bs = self.pool.block_size
             idx = self.cpp_chunks
-            nb = [-(-self.ctx_lens[i] // bs) for i in idx]
-            tables = np.array(list(chain.from_iterable(self.block_tables[i][:k] for i, k in zip(idx, nb))),
-                              dtype=np.int32)
+            every = len(idx) == len(self.q_lens)      # the usual case: the kernel serves every chunk
+            ctx = np.asarray(self.ctx_lens, dtype=np.int64) if every else np.array([self.ctx_lens[i] for i in idx],
+                                                                                    dtype=np.int64)
+            nb = (ctx + bs - 1) // bs
+            tables = np.fromiter(chain.from_iterable(self.block_tables[i][:k] for i, k in zip(idx, nb.tolist())),
+                                 dtype=np.int32, count=int(nb.sum()))
             off = np.zeros(len(nb), dtype=np.int64)
             np.cumsum(nb[:-1], out=off[1:])
-            pick = lambda xs: np.fromiter((xs[i] for i in idx), dtype=np.int64, count=len(idx))  # noqa: E731
-            self._cache["cpp"] = (pick(self.q_starts), pick(self.q_lens), pick(self.ctx_lens), off, tables)
+            pick = lambda xs: (np.asarray(xs, dtype=np.int64) if every  # noqa: E731
+                               else np.array([xs[i] for i in idx], dtype=np.int64))
+            self._cache["cpp"] = (pick(self.q_starts), pick(self.q_lens), ctx, off, tables)
         return self._cache["cpp"]
 
     def flash_meta(self, device):
