@@ -191,8 +191,8 @@ class RolloutEngine(EngineStep):
     for the next call (reused when the next call asks for the same number of blocks). `release_kv_pool()`
     drops a kept pool. The C++ kernel's pool (CPU) is left uninitialized: the kernel never reads a row past a
     sequence's context (tests/test_rollout.py poisons the pool with NaN), so only the pages KV is written to
-    are touched; zero-filling the CPU's default 256 MiB cost 185 ms per generate, 5% of bench_rollout's small
-    workload. SDPA's decode path reads whole blocks under a mask (a NaN survives it) and flash-attn's paged
+    are touched; zero-filling the CPU's default 256 MiB cost 240 ms per generate (bench_rollout's small
+    workload, 2-core EPYC: 24% -> 20% of the call outside the model, same run). SDPA's decode path reads whole blocks under a mask (a NaN survives it) and flash-attn's paged
     path is not proven here, so their pools are zero-filled (a memset on the GPU). Block size: None picks
     `attention.FLASH_BLOCK_SIZE` (256) when flash-attn's paged path will run, else 16."""
 
@@ -267,14 +267,15 @@ class RolloutEngine(EngineStep):
         samples = list(samples)
         self.params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
         self.G, self.seed = num_generations, seed
+        t0 = time.perf_counter()   # the call's wall time includes acquiring the KV pool
         self._acquire_pool()
         try:
-            return self._generate(samples)
+            return self._generate(samples, t0)
         finally:
             if not self.keep_kv_pool:
                 self.release_kv_pool()
 
-    def _generate(self, samples) -> list[list[Trajectory]]:
+    def _generate(self, samples, t0: float) -> list[list[Trajectory]]:
         num_generations = self.G
         self.sched = make_scheduler(self.sched_config, self.scheduler_impl)
         self.results = [[None] * num_generations for _ in samples]
@@ -286,7 +287,7 @@ class RolloutEngine(EngineStep):
                           env_s=0.0, env_wait_s=0.0, steps=0, preemptions=0, kv_budget_finishes=0, rounds=0,
                           attention=attn.LABELS[self.attn_backend], kv_pool_blocks=self.sched_config.num_blocks,
                           kv_pool_bytes=self.pool.nbytes, block_size=self.pool.block_size)
-        t0 = time.perf_counter()
+        self.stats["kv_pool_s"] = time.perf_counter() - t0
         self.packed = self._packed_forward()
         self.vision = self._vision_forward()
         prev_attn = modeling.inner(self.model).language_model.config._attn_implementation
