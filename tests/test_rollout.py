@@ -7,6 +7,7 @@ position and media embedding the observations put in.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,12 +205,16 @@ def test_no_backend_reads_a_pool_row_it_never_wrote(model32, rollout_samples, mo
     for poison[0] in (False, True):
         trajs = eng.generate(samples, num_generations=3, seed=5)
         runs.append([(t.token_ids, t.logprobs) for g in trajs for t in g])
+    # NOTE: not bit-equal: which sequences share a step depends on when the worker's observations arrive, and
+    # a row's matmul rounding on the batch it is in (log-probs were seen to move by 5e-7)
+    def same(a, b):
+        return all(ta == tb and np.allclose(la, lb, rtol=0, atol=1e-5) for (ta, la), (tb, lb) in zip(a, b))
     if attention == "cpp":
         assert fills == [None, None]
-        assert runs[0] == runs[1]
+        assert same(runs[0], runs[1])
     else:
         assert fills == [0.0, 0.0]
-        assert runs[0] != runs[1]
+        assert not same(runs[0], runs[1])
 
 
 def test_bad_arguments(model32):
