@@ -192,9 +192,10 @@ class RolloutEngine(EngineStep):
     drops a kept pool. The C++ kernel's pool (CPU) is left uninitialized: the kernel never reads a row past a
     sequence's context (tests/test_rollout.py poisons the pool with NaN), so only the pages KV is written to
     are touched; zero-filling the CPU's default 256 MiB cost 240 ms per generate (bench_rollout's small
-    workload, 2-core EPYC: 24% -> 20% of the call outside the model, same run). SDPA's decode path reads whole blocks under a mask (a NaN survives it) and flash-attn's paged
-    path is not proven here, so their pools are zero-filled (a memset on the GPU). Block size: None picks
-    `attention.FLASH_BLOCK_SIZE` (256) when flash-attn's paged path will run, else 16."""
+    workload, 2-core EPYC: 24% -> 20% of the call outside the model, same run). SDPA's decode path reads
+    whole blocks under a mask (a NaN survives it) and flash-attn's paged path is not proven here, so their
+    pools are zero-filled (a memset on the GPU). Block size: None picks `attention.FLASH_BLOCK_SIZE` (256)
+    when flash-attn's paged path will run, else 16."""
 
     def __init__(self, model, processor, *, max_rounds: int = 5, max_new_tokens: int = 512,
                  max_batch_tokens: int = 4096, kv_budget_tokens: int | None = None, block_size: int | None = None,
