@@ -184,9 +184,9 @@ def test_vision_cache_shares_identical_requests_within_a_group(model32, rollout_
 @pytest.mark.parametrize("attention", ["cpp", "sdpa"])
 def test_no_backend_reads_a_pool_row_it_never_wrote(model32, rollout_samples, monkeypatch, attention):
     """The C++ kernel's pool is left uninitialized (kv_cache.PagedKVPool `fill`): poisoned with NaN (what
-    uninitialized memory may hold), sampled rollouts keep every token and log-prob of a zero-filled run, so no
-    row past a context is ever read. SDPA reads whole blocks under a mask: the same poison changes its rollouts
-    (the check can fail), and so its pool comes zero-filled."""
+    uninitialized memory may hold), sampled rollouts keep every token and log-prob of a zero-filled run, so
+    no row past a context is ever read. SDPA reads whole blocks under a mask: the same poison changes its
+    rollouts (the check can fail), and so its pool comes zero-filled."""
     from videocom_fast.rollout import engine as engine_mod
     model, proc = model32
     samples = rollout_samples[:2]

@@ -172,15 +172,14 @@ class PagedBatch:
             bs = self.pool.block_size
             idx = self.cpp_chunks
             every = len(idx) == len(self.q_lens)      # the usual case: the kernel serves every chunk
-            ctx = np.asarray(self.ctx_lens, dtype=np.int64) if every else np.array([self.ctx_lens[i] for i in idx],
-                                                                                    dtype=np.int64)
-            nb = (ctx + bs - 1) // bs
-            tables = np.fromiter(chain.from_iterable(self.block_tables[i][:k] for i, k in zip(idx, nb.tolist())),
-                                 dtype=np.int32, count=int(nb.sum()))
-            off = np.zeros(len(nb), dtype=np.int64)
-            np.cumsum(nb[:-1], out=off[1:])
             pick = lambda xs: (np.asarray(xs, dtype=np.int64) if every  # noqa: E731
                                else np.array([xs[i] for i in idx], dtype=np.int64))
+            ctx = pick(self.ctx_lens)
+            nb = (ctx + bs - 1) // bs
+            blocks = chain.from_iterable(self.block_tables[i][:k] for i, k in zip(idx, nb.tolist()))
+            tables = np.fromiter(blocks, dtype=np.int32, count=int(nb.sum()))
+            off = np.zeros(len(nb), dtype=np.int64)
+            np.cumsum(nb[:-1], out=off[1:])
             self._cache["cpp"] = (pick(self.q_starts), pick(self.q_lens), ctx, off, tables)
         return self._cache["cpp"]
 

@@ -56,9 +56,9 @@ class PagedKVPool:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.layout = layout
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        # `fill` None leaves the pool uninitialized: only for readers that never look past a sequence's context
-        # (the C++ kernel). SDPA's decode path gathers whole blocks and masks them, and a NaN bit pattern survives
-        # a mask. On the CPU a fill is the first touch of every page: 240 ms for the default 256 MiB
+        # `fill` None leaves the pool uninitialized: only for readers that never look past a sequence's
+        # context (the C++ kernel). SDPA's decode path gathers whole blocks and masks them, and a NaN bit
+        # pattern survives a mask. On the CPU a fill is the first touch of every page: 240 ms for 256 MiB
         make = torch.empty if fill is None else functools.partial(torch.full, fill_value=fill)
         # one tensor per K and V holding every layer (`copy_rows` is then one copy each), seen per layer
         if layout == "k_transposed":   # storage (NB, Hkv, D, BS), seen as (NB, BS, Hkv, D)
