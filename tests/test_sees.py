@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 def test_blanked_env_keeps_the_reply_and_blacks_out_the_pixels(synth_small):
@@ -152,3 +153,23 @@ def test_scene_frames_do_not_depend_on_draw_order_and_noise_stays_in_range():
     inside = (frames >= 4) & (frames <= 251)
     assert set(np.unique(d[inside])) == set(range(-4, 5))   # uniform +-4 where nothing clips
     assert (noisy[frames == 0] <= 4).all() and (noisy[frames == 255] >= 251).all()
+
+
+def test_warm_up_loss_takes_crops_of_different_token_counts(tmp_path):
+    """With image_min_pixels 16*28*28 the zoom crops of one batch come out at 16 and 20 tokens (box aspect);
+    the warm-up's loss pools each crop on its own (it stacked them first and raised, session 11)."""
+    from videocom_fast.evaluate import media_config_from
+    from videocom_fast.models import build_tiny, load
+    from videocom_fast.training.perception import _Batches, _Heads, _losses
+
+    net, _ = load(build_tiny(tmp_path / "tiny", seed=0))
+    mc = media_config_from(dict(main_nframes=8, rewatch_nframes=4, video_min_pixels=12544, video_max_pixels=25088,
+                                image_min_pixels=12544, image_max_pixels=12544))
+    b = _Batches(mc, seed=0, width=320, height=192, fps=4, seconds=(40, 40)).make(2, n_crops=16)
+    pv, grids = b["crop"]
+    counts = (grids.prod(-1) // 4).tolist()
+    assert len(set(counts)) > 1, counts       # the case this test is about
+    torch.manual_seed(0)
+    heads = _Heads(net.config.text_config.hidden_size, 4, 4, 4)
+    total, parts = _losses(net, heads, b)
+    assert torch.isfinite(total) and 0 <= parts["acc_char"] <= 1

@@ -121,7 +121,9 @@ def _losses(model, heads: _Heads, b: dict, char_weight: float = 1.0) -> tuple[to
     ce = torch.nn.functional.cross_entropy
     vid = torch.stack(vision_embeds(model, *b["video"], video=True))          # (B, tokens, D)
     img = torch.stack(vision_embeds(model, *b["image"], video=False))
-    crop = torch.stack(vision_embeds(model, *b["crop"], video=False)).mean(1)
+    # each crop's tokens pooled on their own: a crop's token count follows its box's aspect (a larger
+    # image_min_pixels gives 16 tokens for one slot and 20 for the next)
+    crop = torch.stack([e.mean(0) for e in vision_embeds(model, *b["crop"], video=False)])
     tint_logits = heads.tint(vid)
     out = {
         "tint": ce(tint_logits.flatten(0, 1), b["vid_tint"].repeat_interleave(vid.shape[1])),
