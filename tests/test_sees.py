@@ -166,7 +166,7 @@ def test_warm_up_loss_takes_crops_of_different_token_counts(tmp_path):
     mc = media_config_from(dict(main_nframes=8, rewatch_nframes=4, video_min_pixels=12544, video_max_pixels=25088,
                                 image_min_pixels=12544, image_max_pixels=12544))
     b = _Batches(mc, seed=0, width=320, height=192, fps=4, seconds=(40, 40)).make(2, n_crops=16)
-    pv, grids = b["crop"]
+    _, grids = b["crop"]
     counts = (grids.prod(-1) // 4).tolist()
     assert len(set(counts)) > 1, counts       # the case this test is about
     torch.manual_seed(0)

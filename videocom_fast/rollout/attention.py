@@ -50,6 +50,14 @@ ATTENTION_NAME = "videocom_paged"
 #   Hq 28, Hkv 4, D 128, 2 threads: 32 rows 2.8 / 3.6 / 3.7, 128 rows 3.2 / 2.6 / 2.7, 512 rows - / 3.4 / 2.2
 # so no chunk length is better served by SDPA; the limit stays as a knob for tests and benches.
 CPP_MAX_QUERY_ROWS = 1 << 30
+
+
+def reads_unwritten_rows(backend: str) -> bool:
+    """Whether `backend` may read pool rows past a sequence's context, so that its pool must be initialized.
+    The C++ kernel never does (tests/test_rollout.py poisons the pool with NaN), as long as every decode
+    reaches it (CPP_MAX_QUERY_ROWS >= 1); SDPA's decode path gathers whole blocks under a mask, and a NaN
+    survives a mask; flash-attn's paged path is not proven here."""
+    return not (backend == "cpp" and CPP_MAX_QUERY_ROWS >= 1)
 FLASH_BLOCK_SIZE = 256              # the smallest page FA2's paged varlen path accepts
 # device types the flash path may run on: CUDA only; tests add "cpu" to run it through a fake flash_attn
 FLASH_DEVICE_TYPES = ("cuda",)

@@ -329,9 +329,7 @@ class RolloutEngine(EngineStep):
         scratch = 1 if self.PAD_DECODES else 0    # padded decode rows' block, never the scheduler's (engine_step)
         if self.pool is None or self.pool.num_blocks != num_blocks + scratch:
             self.pool = None    # NOTE: the old pool is freed before the new one is allocated
-            # the C++ kernel never reads an unwritten row (tested with a NaN-poisoned pool): no zero-fill, as
-            # long as every decode goes to it (CPP_MAX_QUERY_ROWS >= 1; SDPA's decode path reads whole blocks)
-            fill = None if self.attn_backend == "cpp" and attn.CPP_MAX_QUERY_ROWS >= 1 else 0.0
+            fill = 0.0 if attn.reads_unwritten_rows(self.attn_backend) else None
             self.pool = PagedKVPool(layers, num_blocks + scratch, bs, hkv, hd, dtype=self.dtype, device=self.device,
                                     layout=self._pool_layout, fill=fill)
         self._scratch_block = num_blocks if scratch else None
