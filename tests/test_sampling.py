@@ -192,3 +192,48 @@ def test_cpp_draw_never_picks_nan_or_inf_and_survives_an_empty_row():
     out = np.zeros(200, np.int64)
     _C.sample_logits(x, np.random.default_rng().random(200), 5, 0.9, out)
     assert (out[:-1] % 3 == 2).all() and out[-1] == 0
+
+
+@pytest.mark.parametrize("N,V,k,p", [(1, 7, 3, 1.0), (37, 641, 50, 0.9), (64, 97, 0, 0.5)])
+def test_cpp_draw_skips_suppressed_ids_like_minus_inf_logits(N, V, k, p):
+    """`suppress` ids are drawn never and the rest exactly as from logits with those ids at -inf; the caller's
+    array is not written; rows in parallel (N >= 16, two threads) or serially draw the same tokens."""
+    from videocom_fast import _C
+    x = (np.random.default_rng().standard_normal((N, V)) * 3).astype(np.float32)
+    x[:, 1] = 50.0                                      # the most likely id of every row is suppressed
+    ids = np.array([1, V - 1, 0], dtype=np.int64)[:min(3, V)]
+    u = np.random.default_rng().random(N)
+    masked = x.copy()
+    masked[:, ids] = -np.inf
+    want, got, one = (np.zeros(N, np.int64) for _ in range(3))
+    _C.sample_logits(masked, u, k, p, want)
+    before = x.copy()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _C.sample_logits(x, u, k, p, got, ids)
+        torch.set_num_threads(1)
+        _C.sample_logits(x, u, k, p, one, ids)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(x, before)
+    assert np.array_equal(got, want) and np.array_equal(one, want)
+    assert not np.isin(got, ids).any()
+    with pytest.raises(ValueError, match="suppress: id"):
+        _C.sample_logits(x, u, k, p, got, np.array([V], dtype=np.int64))
+    with pytest.raises(ValueError, match="suppress"):
+        _C.sample_logits(x, u, k, p, got, ids.astype(np.int32))
+
+
+def test_sample_suppresses_the_same_ids_on_both_draws():
+    logits = torch.randn(300, 50)
+    logits[:, 7] = 40.0
+    params = SamplingParams(temperature=0.8, top_k=5)
+    u = np.random.default_rng().random(300)
+    sup = torch.tensor([7, 3])
+    a, la = sample(logits, params, uniforms=u, suppress_ids=sup, impl="cpp")
+    b, lb = sample(logits, params, uniforms=u, suppress_ids=sup, impl="torch")
+    assert not torch.isin(a, sup).any() and (a != b).sum() <= 1
+    # log-probs stay the full-vocabulary log-softmax before suppression (the trainer's), on both paths
+    want = (logits / 0.8).log_softmax(-1)
+    torch.testing.assert_close(la, want.gather(-1, a[:, None]).squeeze(-1), rtol=0, atol=0)

@@ -21,7 +21,8 @@ which other sequences happen to share its engine step:
   with counter = the number of tokens of the sequence so far. The engine uses these: one vectorised numpy
   call per step instead of one generator call per row (~6 us each, ~20k per bench run).
 The draw itself runs in C++ (`_C.sample_logits`, csrc/cpu/sampling.cpp) for CPU float32 logits when the
-extension is built, else in torch; same distribution (tests/test_sampling.py compares the two).
+extension is built, suppressed ids skipped inside it (no masked (N, V) copy), else in torch; same
+distribution (tests/test_sampling.py compares the two).
 """
 from __future__ import annotations
 
@@ -123,8 +124,10 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
     if forced is not None and (forced.shape != (N,) or forced.dtype != torch.int64):
         raise ValueError(f"sample: forced must be int64 (N,) = ({N},), got {forced.dtype} {tuple(forced.shape)}")
     scaled = logits_NV.float() / params.temperature
-    work = scaled
-    if suppress_ids is not None and suppress_ids.numel():
+    suppress = suppress_ids is not None and suppress_ids.numel() > 0
+    cpp = not params.greedy and impl != "torch" and _cpp_draw_ok(scaled)
+    work = scaled   # the C++ draw skips suppressed ids itself (no (N, V) copy); the others need them at -inf
+    if suppress and not cpp:
         work = work.index_fill(-1, suppress_ids.to(work.device), float("-inf"))
     if params.greedy:
         tokens = work.argmax(-1)
@@ -138,11 +141,11 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
         else:
             u = torch.stack([torch.rand((), generator=g, device=work.device, dtype=torch.float64) for g in generators])
         tokens = None
-        if impl != "torch" and _cpp_draw_ok(work):
+        if cpp:
             from videocom_fast import _C
             tokens = torch.empty(N, dtype=torch.long)
             _C.sample_logits(work.contiguous().numpy(), u.numpy(), params.top_k or 0, float(params.top_p),
-                             tokens.numpy())
+                             tokens.numpy(), _suppress_np(suppress_ids) if suppress else _NO_IDS)
         elif impl == "cpp":
             raise ValueError("sample: impl='cpp' needs CPU float32 logits and the built videocom_fast._C")
         elif _top_k_only_applies(work, params):
@@ -157,6 +160,13 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
         tokens = torch.where(forced >= 0, forced, tokens)
     # log_softmax itself (not x - logsumexp, which rounds differently): bit-equal to the trainer's log-probs
     return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+_NO_IDS = np.zeros(0, dtype=np.int64)
+
+
+def _suppress_np(ids: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(ids.detach().cpu().numpy(), dtype=np.int64)
 
 
 def _cpp_draw_ok(work_NV: torch.Tensor) -> bool:
