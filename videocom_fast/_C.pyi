@@ -133,8 +133,7 @@ def paged_attention_rowdot(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray
     """The previous kernel (both pools (num_blocks, BS, Hkv, D)), kept as bench_attention.py's baseline."""
 def paged_kv_write(k_pool: np.ndarray, v_pool: np.ndarray, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
     """Write rows k, v (L, Hkv, D) at flat slots (block * BS + row) of the pools (layouts as paged_attention)."""
-def sample_logits(logits: np.ndarray, u: np.ndarray, top_k: int, top_p: float, out: np.ndarray,
-                  suppress: np.ndarray = ...) -> None:
+def sample_logits(logits: np.ndarray, u: np.ndarray, top_k: int, top_p: float, out: np.ndarray) -> None:
     """csrc/cpu/sampling.cpp: one inverse-CDF draw per row of float32 logits (N, V) after top-k (ties kept, 0: off)
     then top-p, with the row's uniform u (N,) float64 in [0, 1); token ids into out (N,) int64."""
 def crop_resize_patchify_cuda(frames: list[tuple[int, int, int, int, int, int]], boxes: list[tuple[int, int, int, int]],

@@ -94,7 +94,6 @@ struct Scratch {   // per thread, reused across rows
   std::vector<float> sample, cval;
   std::vector<uint64_t> sorted;
   std::vector<double> e;
-  std::vector<float> row;   // the row with its suppressed ids at -inf (only when some are)
 };
 
 // s.kept = the row's values >= its k-th largest (all ties kept; -inf and NaN never), ascending by (value, id).
@@ -193,8 +192,7 @@ int64_t draw_row(const float* x, int64_t V, int64_t top_k, double top_p, double 
   return kept.back().second;
 }
 
-void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, double top_p, py::array& out,
-                   const py::array& suppress) {
+void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, double top_p, py::array& out) {
   VCF_CHECK(logits.ndim() == 2 && (logits.flags() & py::array::c_style), "logits: expected a contiguous (N, V) array");
   VCF_CHECK(logits.dtype().kind() == 'f' && logits.itemsize() == 4, "logits: expected float32");
   const int64_t N = logits.shape(0), V = logits.shape(1);
@@ -205,32 +203,18 @@ void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, d
                 out.dtype().kind() == 'i' && out.itemsize() == 8, "out: expected a writable contiguous int64 (N,) array");
   VCF_CHECK(top_k >= 0, "top_k: must be >= 0 (0: no top-k)");
   VCF_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p: must be in (0, 1]");
-  VCF_CHECK(suppress.ndim() == 1 && (suppress.flags() & py::array::c_style) && suppress.dtype().kind() == 'i' &&
-                suppress.itemsize() == 8, "suppress: expected a contiguous int64 (S,) array of token ids");
-  const int64_t S = suppress.shape(0);
-  const int64_t* sup = static_cast<const int64_t*>(suppress.data());
-  for (int64_t j = 0; j < S; ++j)
-    VCF_CHECK(sup[j] >= 0 && sup[j] < V, "suppress: id " + std::to_string(sup[j]) + " outside [0, V)");
   const float* x = static_cast<const float*>(logits.data());
   const double* up = static_cast<const double*>(u.data());
   for (int64_t n = 0; n < N; ++n) VCF_CHECK(up[n] >= 0.0 && up[n] < 1.0, "u: row " + std::to_string(n) + " outside [0, 1)");
   int64_t* o = static_cast<int64_t*>(out.mutable_data());
   py::gil_scoped_release release;
   // a row costs 2-5 us at V = 640, k = 50 (more with V): rows in parallel from 16 on (an OpenMP region costs
-  // ~1-3 us); with one OpenMP thread (the engine's OMP_NUM_THREADS=1 runs) this is the serial loop
+  // ~1-3 us); with one OpenMP thread (OMP_NUM_THREADS=1 runs) this is the serial loop
 #pragma omp parallel if (N >= 16)
   {
     Scratch scratch;
 #pragma omp for schedule(dynamic, 8)
-    for (int64_t n = 0; n < N; ++n) {
-      const float* row = x + n * V;
-      if (S) {   // suppressed ids never drawn: -inf in a private copy (the caller's logits stay as they are)
-        scratch.row.assign(row, row + V);
-        for (int64_t j = 0; j < S; ++j) scratch.row[sup[j]] = -std::numeric_limits<float>::infinity();
-        row = scratch.row.data();
-      }
-      o[n] = draw_row(row, V, top_k, top_p, up[n], scratch);
-    }
+    for (int64_t n = 0; n < N; ++n) o[n] = draw_row(x + n * V, V, top_k, top_p, up[n], scratch);
   }
 }
 
@@ -239,8 +223,7 @@ void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, d
 
 void register_sampling(py::module_& m) {
   m.def("sample_logits", &vcf::sample_logits, py::arg("logits"), py::arg("u"), py::arg("top_k"), py::arg("top_p"),
-        py::arg("out"), py::arg("suppress") = py::array_t<int64_t>(0),
+        py::arg("out"),
         "One inverse-CDF draw per row of float32 logits (N, V) after top-k (ties kept) then top-p, with the row's "
-        "uniform u (N,) float64 in [0, 1); token ids into out (N,) int64. `suppress` (S,) int64: ids never drawn "
-        "(as if their logits were -inf; the logits array is not written).");
+        "uniform u (N,) float64 in [0, 1); token ids into out (N,) int64.");
 }

@@ -21,8 +21,7 @@ which other sequences happen to share its engine step:
   with counter = the number of tokens of the sequence so far. The engine uses these: one vectorised numpy
   call per step instead of one generator call per row (~6 us each, ~20k per bench run).
 The draw itself runs in C++ (`_C.sample_logits`, csrc/cpu/sampling.cpp) for CPU float32 logits when the
-extension is built, suppressed ids skipped inside it (no masked (N, V) copy), else in torch; same
-distribution (tests/test_sampling.py compares the two).
+extension is built, else in torch; same distribution (tests/test_sampling.py compares the two).
 """
 from __future__ import annotations
 
@@ -123,12 +122,12 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
                          f"{None if generators is None else len(generators)}")
     if forced is not None and (forced.shape != (N,) or forced.dtype != torch.int64):
         raise ValueError(f"sample: forced must be int64 (N,) = ({N},), got {forced.dtype} {tuple(forced.shape)}")
-    scaled = logits_NV.float() / params.temperature
-    suppress = suppress_ids is not None and suppress_ids.numel() > 0
-    cpp = not params.greedy and impl != "torch" and _cpp_draw_ok(scaled)
-    work = scaled   # the C++ draw skips suppressed ids itself (no (N, V) copy); the others need them at -inf
-    if suppress and not cpp:
-        work = work.index_fill(-1, suppress_ids.to(work.device), float("-inf"))
+    # log_softmax itself (not x - logsumexp, which rounds differently): bit-equal to the trainer's log-probs;
+    # taken first, so the suppressed ids can then be set to -inf in place (the division made a new tensor)
+    work = logits_NV.float() / params.temperature
+    logp = work.log_softmax(-1)
+    if suppress_ids is not None and suppress_ids.numel():
+        work.index_fill_(-1, suppress_ids.to(work.device), float("-inf"))
     if params.greedy:
         tokens = work.argmax(-1)
     else:
@@ -141,32 +140,25 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
         else:
             u = torch.stack([torch.rand((), generator=g, device=work.device, dtype=torch.float64) for g in generators])
         tokens = None
-        if cpp:
+        if impl != "torch" and _cpp_draw_ok(work):
             from videocom_fast import _C
             tokens = torch.empty(N, dtype=torch.long)
             _C.sample_logits(work.contiguous().numpy(), u.numpy(), params.top_k or 0, float(params.top_p),
-                             tokens.numpy(), _suppress_np(suppress_ids) if suppress else _NO_IDS)
+                             tokens.numpy())
         elif impl == "cpp":
             raise ValueError("sample: impl='cpp' needs CPU float32 logits and the built videocom_fast._C")
         elif _top_k_only_applies(work, params):
             tokens, ties_N = _draw_top_k(work, params, u)
-            if work.device.type == "cpu":
-                tokens = None if bool(ties_N.any()) else tokens
-            else:   # no host read of the tie check (a sync): both draws, the full-vocabulary one where ties are
+            # rows with ties at the k-th value take the full-vocabulary draw, the others keep theirs (the C++
+            # draw decides per row too: same u, same token). On the CPU the full draw runs only when some row
+            # ties; elsewhere no host read of the tie check (a sync): both draws, always
+            if work.device.type != "cpu" or bool(ties_N.any()):
                 tokens = torch.where(ties_N, _draw_full(work, params, u), tokens)
         if tokens is None:
             tokens = _draw_full(work, params, u)
     if forced is not None:
         tokens = torch.where(forced >= 0, forced, tokens)
-    # log_softmax itself (not x - logsumexp, which rounds differently): bit-equal to the trainer's log-probs
-    return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-
-
-_NO_IDS = np.zeros(0, dtype=np.int64)
-
-
-def _suppress_np(ids: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(ids.detach().cpu().numpy(), dtype=np.int64)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _cpp_draw_ok(work_NV: torch.Tensor) -> bool:
