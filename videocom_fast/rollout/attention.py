@@ -51,6 +51,12 @@ ATTENTION_NAME = "videocom_paged"
 # so no chunk length is better served by SDPA; the limit stays as a knob for tests and benches.
 CPP_MAX_QUERY_ROWS = 1 << 30
 
+FLASH_BLOCK_SIZE = 256              # the smallest page FA2's paged varlen path accepts
+# device types the flash path may run on: CUDA only; tests add "cpu" to run it through a fake flash_attn
+FLASH_DEVICE_TYPES = ("cuda",)
+# what stats / build_info call each backend
+LABELS = {"flash": "flash-paged", "cpp": "cpp", "sdpa": "sdpa"}
+
 
 def reads_unwritten_rows(backend: str) -> bool:
     """Whether `backend` may read pool rows past a sequence's context, so that its pool must be initialized.
@@ -58,11 +64,6 @@ def reads_unwritten_rows(backend: str) -> bool:
     reaches it (CPP_MAX_QUERY_ROWS >= 1); SDPA's decode path gathers whole blocks under a mask, and a NaN
     survives a mask; flash-attn's paged path is not proven here."""
     return not (backend == "cpp" and CPP_MAX_QUERY_ROWS >= 1)
-FLASH_BLOCK_SIZE = 256              # the smallest page FA2's paged varlen path accepts
-# device types the flash path may run on: CUDA only; tests add "cpu" to run it through a fake flash_attn
-FLASH_DEVICE_TYPES = ("cuda",)
-# what stats / build_info call each backend
-LABELS = {"flash": "flash-paged", "cpp": "cpp", "sdpa": "sdpa"}
 
 
 @dataclass
