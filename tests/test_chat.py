@@ -43,3 +43,18 @@ def test_media_block_counts(processor):
     ids = chat.user("x", [("image", 3), ("video", 5)], generation_prompt=False)
     assert ids.count(chat.image_pad) == 3 and ids.count(chat.video_pad) == 5
     assert ids.count(chat.vision_start) == 2 and ids.count(chat.vision_end) == 2
+
+
+def test_decode_equals_the_tokenizers_decode(processor):
+    """ChatTokens.decode calls the Rust decoder directly: the same text as transformers' decode, on random ids
+    (special tokens, split multi-byte characters, empty) and on real text."""
+    import random
+    tok = processor.tokenizer
+    chat = ChatTokens(tok)
+    assert chat._fast_decode is not None   # the fast path is what this test checks
+    rng = random.Random(0)
+    V = len(tok)
+    cases = [[], [chat.im_end], chat.encode("FIND_FRAME(tag) = [3]\nnaïve 東京 🙂")]
+    cases += [[rng.randrange(V) for _ in range(rng.randint(1, 40))] for _ in range(300)]
+    for ids in cases:
+        assert chat.decode(ids) == tok.decode(ids, skip_special_tokens=False), ids

@@ -22,11 +22,12 @@ def _run(model, proc, samples, pad: bool, greedy: bool):
     padded = []   # per padded step: (real rows, rows after padding, slots of the padded rows)
     inner = eng._pad_decodes
 
-    def spy(rows):
+    def spy(rows, decode_only):
         n = len(rows[0])
-        inner(rows)
+        rows = inner(rows, decode_only)
         if len(rows[0]) > n:
-            padded.append((n, len(rows[0]), list(rows[1][n:])))
+            padded.append((n, len(rows[0]), rows[2][n:].tolist()))   # (ids, positions, KV slots, ...)
+        return rows
     eng._pad_decodes = spy
     kv = {}   # (group, rollout) -> per layer (K, V) rows of the finished sequence, through its block table
     finish = eng._finish

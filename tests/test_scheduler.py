@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import pytest
 
 from videocom_fast.rollout.scheduler import SchedulerConfig, cpp_available, make_scheduler
@@ -30,7 +31,14 @@ def create_group(s, group_id: int, prompt_len: int, num_seqs: int = 1) -> list[i
 
 
 def chunks(out) -> list[tuple]:
-    """An output as plain tuples (the two twins return different classes with the same fields)."""
+    """An output as plain tuples (the two twins return different classes with the same fields), from
+    `schedule()` or from `schedule_arrays()` (its flat arrays read back chunk by chunk)."""
+    if not hasattr(out, "scheduled"):
+        o = out.table_off
+        assert o.dtype == out.seq_ids.dtype == out.starts.dtype == out.num_tokens.dtype == np.int64
+        assert out.is_prefill.dtype == out.samples.dtype == bool and o[0] == 0 and o[-1] == len(out.table_ids)
+        return [(int(out.seq_ids[i]), int(out.starts[i]), int(out.num_tokens[i]), bool(out.is_prefill[i]),
+                 out.table_ids[o[i]:o[i + 1]].tolist(), bool(out.samples[i])) for i in range(len(out.seq_ids))]
     return [(c.seq_id, c.start, c.num_tokens, bool(c.is_prefill), list(c.block_ids), bool(c.samples))
             for c in out.scheduled]
 
@@ -413,7 +421,8 @@ def simulate(impls, seed: int, cfg: SchedulerConfig, num_groups: int, max_steps:
                 tokens[sid] += [("o", sid, len(tokens[sid]) + i) for i in range(n)]
                 sampled[sid] = False
                 all_("append_tokens", sid, n)
-        outs = [s.schedule() for s in scheds]
+        flat = t % 2 == 1   # every other step through the engine's flat calls (schedule_arrays, update_many)
+        outs = [s.schedule_arrays() if flat else s.schedule() for s in scheds]
         rec = (chunks(outs[0]), list(outs[0].preempted), list(outs[0].finished), outs[0].num_batched_tokens)
         for o in outs[1:]:
             assert (chunks(o), list(o.preempted), list(o.finished), o.num_batched_tokens) == rec, \
@@ -436,8 +445,12 @@ def simulate(impls, seed: int, cfg: SchedulerConfig, num_groups: int, max_steps:
             kv.check(table, tokens[sid], start, f"step {t} seq {sid}")
         for sid, start, n, _, table, _ in rec[0]:
             kv.write(table, tokens[sid], start, n)
+        if flat:
+            all_("update_many", np.array([c[0] for c in rec[0]], dtype=np.int64),
+                 np.array([c[2] for c in rec[0]], dtype=np.int64))
         for sid, start, n, _, _, samples in rec[0]:
-            all_("update", sid, n)
+            if not flat:
+                all_("update", sid, n)
             computed[sid] += n
         plain = []
         for sid, start, n, _, _, samples in rec[0]:
@@ -469,7 +482,7 @@ def simulate(impls, seed: int, cfg: SchedulerConfig, num_groups: int, max_steps:
                     obs_due[x] = (t + rng.randint(0, 3), rng.randint(1, 3 * bs + 5))
                 else:   # as the engine does: tokens that end nothing, announced in one call after the step
                     plain.append(x)
-        all_("append_one_each", plain)
+        all_("append_one_each", np.array(plain, dtype=np.int64) if flat else plain)
         if rng.random() < 0.01 and tokens:  # the engine aborts a random live sequence
             victim = rng.choice(sorted(tokens))
             if not sched_finished(s0, victim):

@@ -6,8 +6,12 @@
 // Crossing into Python costs more than scheduling (measured for 256 decodes with ~95-block tables:
 // schedule() 70 us; pybind11 struct wrappers + int lists 280 us), hence two measures below: block ids come
 // from an interned table of Python ints, and ScheduledSeq is a PyStructSequence built eagerly.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+
+#include <algorithm>
+#include <stdexcept>
 
 #include "scheduler/scheduler.h"
 
@@ -80,6 +84,44 @@ PyOutput to_python(const SchedulerOutput& out) {
   return r;
 }
 
+// The same step as flat arrays (schedule_arrays): no Python object per chunk or per block id. Legend: C
+// scheduled chunks; table_off (C + 1,) indexes table_ids, the concatenated block tables (CSR).
+using I64 = py::array_t<int64_t>;
+using Flags = py::array_t<bool>;
+
+struct PyArrays {
+  I64 seq_ids, starts, num_tokens, table_off, table_ids;
+  Flags is_prefill, samples;
+  py::list preempted, finished;
+  int64_t num_batched_tokens = 0;
+};
+
+PyArrays to_arrays(const SchedulerOutput& out) {
+  const auto C = static_cast<py::ssize_t>(out.scheduled.size());
+  py::ssize_t nt = 0;
+  for (const auto& c : out.scheduled) nt += static_cast<py::ssize_t>(c.block_ids.size());
+  PyArrays r{I64(C), I64(C), I64(C), I64(C + 1), I64(nt), Flags(C), Flags(C), py::list(), py::list(), 0};
+  auto id = r.seq_ids.mutable_unchecked<1>(), st = r.starts.mutable_unchecked<1>(),
+       n = r.num_tokens.mutable_unchecked<1>(), off = r.table_off.mutable_unchecked<1>();
+  auto pre = r.is_prefill.mutable_unchecked<1>(), smp = r.samples.mutable_unchecked<1>();
+  int64_t* tab = r.table_ids.mutable_data();
+  off(0) = 0;
+  for (py::ssize_t i = 0; i < C; ++i) {
+    const auto& c = out.scheduled[static_cast<size_t>(i)];
+    id(i) = c.seq_id;
+    st(i) = c.start;
+    n(i) = c.num_tokens;
+    pre(i) = c.is_prefill;
+    smp(i) = c.samples;
+    std::copy(c.block_ids.begin(), c.block_ids.end(), tab + off(i));
+    off(i + 1) = off(i) + static_cast<int64_t>(c.block_ids.size());
+  }
+  r.preempted = py::cast(out.preempted);
+  r.finished = py::cast(out.finished);
+  r.num_batched_tokens = out.num_batched_tokens;
+  return r;
+}
+
 }  // namespace
 
 void register_scheduler(py::module_& m) {
@@ -109,6 +151,18 @@ void register_scheduler(py::module_& m) {
       .def_readonly("finished", &PyOutput::finished)
       .def_readonly("num_batched_tokens", &PyOutput::num_batched_tokens);
 
+  py::class_<PyArrays>(m, "ScheduleArrays", "One step as flat arrays (see Scheduler.schedule_arrays).")
+      .def_readonly("seq_ids", &PyArrays::seq_ids)
+      .def_readonly("starts", &PyArrays::starts)
+      .def_readonly("num_tokens", &PyArrays::num_tokens)
+      .def_readonly("is_prefill", &PyArrays::is_prefill)
+      .def_readonly("samples", &PyArrays::samples)
+      .def_readonly("table_off", &PyArrays::table_off)
+      .def_readonly("table_ids", &PyArrays::table_ids)
+      .def_readonly("preempted", &PyArrays::preempted)
+      .def_readonly("finished", &PyArrays::finished)
+      .def_readonly("num_batched_tokens", &PyArrays::num_batched_tokens);
+
   py::class_<Fork>(m, "Fork")
       .def_readonly("child", &Fork::child)
       .def_property_readonly("block_ids", [](const Fork& f) { return block_list(f.block_ids); })
@@ -121,12 +175,26 @@ void register_scheduler(py::module_& m) {
       .def_property_readonly("config", &Scheduler::config)
       .def("add_group", &Scheduler::add_group, py::arg("group_id"), py::arg("prompt_len"), py::arg("num_seqs"))
       .def("schedule", [](Scheduler& s) { return to_python(s.schedule()); })
+      .def("schedule_arrays", [](Scheduler& s) { return to_arrays(s.schedule()); },
+           "schedule() as flat arrays: seq_ids, starts, num_tokens, is_prefill, samples (C,), the block tables "
+           "concatenated in table_ids with table_off (C + 1,), preempted, finished, num_batched_tokens.")
       .def("update", &Scheduler::update, py::arg("seq_id"), py::arg("num_computed"))
+      .def("update_many",
+           [](Scheduler& s, const I64& seq_ids, const I64& num_computed) {
+             if (seq_ids.ndim() != 1 || num_computed.ndim() != 1 || seq_ids.shape(0) != num_computed.shape(0))
+               throw std::invalid_argument("update_many: seq_ids and num_computed must be 1-d of one length");
+             auto id = seq_ids.unchecked<1>();
+             auto n = num_computed.unchecked<1>();
+             for (py::ssize_t i = 0; i < id.shape(0); ++i) s.update(id(i), n(i));
+           },
+           py::arg("seq_ids"), py::arg("num_computed"), "update(seq_ids[i], num_computed[i]) for each i.")
       .def("fork_ready", &Scheduler::fork_ready, py::arg("group_id"))
       .def("append_tokens", &Scheduler::append_tokens, py::arg("seq_id"), py::arg("n"))
       .def("append_one_each",
-           [](Scheduler& s, const std::vector<int64_t>& seq_ids) {
-             for (int64_t id : seq_ids) s.append_tokens(id, 1);
+           [](Scheduler& s, const I64& seq_ids) {
+             if (seq_ids.ndim() != 1) throw std::invalid_argument("append_one_each: seq_ids must be 1-d");
+             auto id = seq_ids.unchecked<1>();
+             for (py::ssize_t i = 0; i < id.shape(0); ++i) s.append_tokens(id(i), 1);
            },
            py::arg("seq_ids"), "append_tokens(seq_id, 1) for each id (one call for a step's sampled tokens).")
       .def("await_observation", &Scheduler::await_observation, py::arg("seq_id"))

@@ -68,23 +68,36 @@ def reads_unwritten_rows(backend: str) -> bool:
 
 @dataclass
 class PagedBatch:
-    """Per-step attention metadata (built once per step, read by every layer)."""
+    """Per-step attention metadata (built once per step, read by every layer). Per chunk (lists or int64 numpy
+    arrays): query start, length and context length; its block table from `block_tables` (a list per chunk) or
+    `csr` = (table_off (C + 1,), table_ids): chunk i's table is table_ids[table_off[i]:table_off[i + 1]] (the
+    engine step passes the scheduler's flat arrays so)."""
     pool: object                      # kv_cache.PagedKVPool
     q_starts: list[int]               # offset of each chunk in the packed query
     q_lens: list[int]
     ctx_lens: list[int]               # start + n: the chunk's last row sees this many keys
-    block_tables: list[list[int]]
+    block_tables: list[list[int]] | None = None
     backend: str = "sdpa"             # "sdpa" | "flash" | "cpp"
+    csr: tuple | None = None          # instead of block_tables
     _cache: dict = field(default_factory=dict)
     _views: dict | None = field(default=None, repr=False)   # device metadata (`bind` / `_device_arrays`)
 
     def __post_init__(self):
-        n = range(len(self.q_lens))
-        self.cpp_chunks = [i for i in n if self.q_lens[i] <= CPP_MAX_QUERY_ROWS] if self.backend == "cpp" else []
-        short = set(self.cpp_chunks)
+        if (self.block_tables is None) == (self.csr is None):
+            raise ValueError("PagedBatch: give the block tables as block_tables or as csr, not both or neither")
+        q = np.asarray(self.q_lens)
+        short = q <= CPP_MAX_QUERY_ROWS if self.backend == "cpp" else np.zeros(len(q), dtype=bool)
+        self.cpp_chunks = np.flatnonzero(short).tolist()
         # NOTE: chunks whose query is a single row at the end of their context are plain decodes
-        self.decode_chunks = [i for i in n if self.q_lens[i] == 1 and i not in short]
-        self.prefill_chunks = [i for i in n if self.q_lens[i] != 1 and i not in short]
+        self.decode_chunks = np.flatnonzero((q == 1) & ~short).tolist()
+        self.prefill_chunks = np.flatnonzero((q != 1) & ~short).tolist()
+
+    def table(self, i: int):
+        """Chunk i's block table (a list, or a numpy view of the csr ids)."""
+        if self.csr is None:
+            return self.block_tables[i]
+        off, ids = self.csr
+        return ids[off[i]:off[i + 1]]
 
     def _decode_buckets(self) -> list[list[int]]:
         """Decode chunks grouped by similar context lengths (less padding to gather)."""
@@ -112,18 +125,18 @@ class PagedBatch:
             np.cumsum(self.ctx_lens, out=cu[1, 1:])
             nb = [nblk(i) for i in range(len(self.q_lens))]
             table = np.zeros((len(nb), max(nb)), dtype=np.int32)   # padded with block 0, never read (seqlen_k)
-            for r, (t, k) in enumerate(zip(self.block_tables, nb)):
-                table[r, :k] = t[:k]
+            for r, k in enumerate(nb):
+                table[r, :k] = self.table(r)[:k]
             out = [("cu_q", cu[0]), ("cu_k", cu[1]), ("table", table)]
         else:   # SDPA: every chunk of that backend, and those the C++ backend leaves to it (CPP_MAX_QUERY_ROWS)
             for b, dec in enumerate(self._decode_buckets() if self.decode_chunks else ()):
                 maxb = max(nblk(i) for i in dec)
                 table = np.zeros((len(dec), maxb), dtype=np.int64)
                 for r, i in enumerate(dec):
-                    table[r, :nblk(i)] = self.block_tables[i][:nblk(i)]
+                    table[r, :nblk(i)] = self.table(i)[:nblk(i)]
                 out += [(f"rows{b}", np.array([self.q_starts[i] for i in dec], dtype=np.int64)),
                         (f"ctx{b}", np.array([self.ctx_lens[i] for i in dec], dtype=np.int64)), (f"table{b}", table)]
-            out += [(f"pre{i}", np.asarray(self.block_tables[i][:nblk(i)], dtype=np.int64)) for i in self.prefill_chunks]
+            out += [(f"pre{i}", np.asarray(self.table(i)[:nblk(i)], dtype=np.int64)) for i in self.prefill_chunks]
         self._cache["layout"] = out
         return out
 
@@ -185,10 +198,14 @@ class PagedBatch:
                                else np.array([xs[i] for i in idx], dtype=np.int64))
             ctx = pick(self.ctx_lens)
             nb = (ctx + bs - 1) // bs
-            blocks = chain.from_iterable(self.block_tables[i][:k] for i, k in zip(idx, nb.tolist()))
-            tables = np.fromiter(blocks, dtype=np.int32, count=int(nb.sum()))
             off = np.zeros(len(nb), dtype=np.int64)
             np.cumsum(nb[:-1], out=off[1:])
+            if self.csr is not None:   # the first nb[i] ids of each chunk's table, in one gather
+                src = self.csr[0][:-1] if every else self.csr[0][idx]
+                tables = self.csr[1][np.arange(int(nb.sum())) + np.repeat(src - off, nb)].astype(np.int32)
+            else:
+                blocks = chain.from_iterable(self.block_tables[i][:k] for i, k in zip(idx, nb.tolist()))
+                tables = np.fromiter(blocks, dtype=np.int32, count=int(nb.sum()))
             self._cache["cpp"] = (pick(self.q_starts), pick(self.q_lens), ctx, off, tables)
         return self._cache["cpp"]
 
@@ -196,7 +213,7 @@ class PagedBatch:
         """flash-attn's varlen metadata: int32 cu_seqlens_q/k (chunks + 1,), max lengths, and an int32 block
         table (chunks, max blocks) padded with block 0 (never read: seqlen_k bounds each row)."""
         d = self._device_arrays(device)
-        return d["cu_q"], d["cu_k"], max(self.q_lens), max(self.ctx_lens), d["table"]
+        return d["cu_q"], d["cu_k"], int(np.max(self.q_lens)), int(np.max(self.ctx_lens)), d["table"]
 
 
 def flash_unavailable(block_size: int, device, dtype, head_dim: int) -> str | None:

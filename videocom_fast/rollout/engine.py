@@ -99,12 +99,58 @@ class _Group:
     live: int = 0
 
 
+class _SeqState:
+    """What an engine step reads and writes for every sequence at once, as arrays indexed by a sequence's
+    SLOT (`_Seq.slot`; slots are reused after a sequence finishes): its scheduler id, the round's tokens not
+    yet moved to the `_Seq`'s lists (`pend` of them in rt_tok / rt_lp / rt_gen), its round length, the
+    tokens the scheduler knows, its last token, the position of its next text token, its token count, its
+    sampling key and (test hook) the round's scripted tokens, -1 where it samples. A decode step gathers its
+    rows from these and appends its sampled tokens with a few numpy calls (engine_step.py); the Python paths
+    go through `_Seq`, whose properties read and write the same arrays."""
+
+    INTS = ("sid", "pend", "rl", "known", "last", "npos", "ntok")
+
+    def __init__(self, width: int, cap: int = 64):
+        self.width, self.cap, self.free = width, 0, []
+        self._grow(cap)
+
+    def _grow(self, cap: int) -> None:
+        def grown(old, shape, dtype, fill=0):
+            new = np.full(shape, fill, dtype=dtype)
+            if old is not None:
+                new[:len(old)] = old
+            return new
+        for f in self.INTS:
+            setattr(self, f, grown(getattr(self, f, None), cap, np.int64))
+        self.key = grown(getattr(self, "key", None), cap, np.uint64)
+        W = self.width
+        self.rt_tok = grown(getattr(self, "rt_tok", None), (cap, W), np.int64)
+        self.rt_lp = grown(getattr(self, "rt_lp", None), (cap, W), np.float64)
+        self.rt_gen = grown(getattr(self, "rt_gen", None), (cap, W), bool)
+        self.forced = grown(getattr(self, "forced", None), (cap, W), np.int64, -1)
+        self.free += range(cap - 1, self.cap - 1, -1)   # pop() hands out the lowest slot first
+        self.cap = cap
+
+    def alloc(self) -> int:
+        if not self.free:
+            self._grow(2 * self.cap)
+        return self.free.pop()
+
+    def release(self, r: int) -> None:
+        self.pend[r] = 0
+        self.free.append(r)
+
+
 class _Seq:
-    def __init__(self, sid, group, rollout_index, env, key, prompt_ids, prompt_pos, cursor, blocks, traj):
+    def __init__(self, sid, group, rollout_index, env, key, prompt_ids, prompt_pos, cursor, blocks, traj, state):
         self.sid, self.group, self.rollout_index, self.env, self.key = sid, group, rollout_index, env, key
-        self.tokens = list(prompt_ids)
-        self.mask = [False] * len(prompt_ids)
-        self.logprobs = [0.0] * len(prompt_ids)
+        self.A, self.slot = state, state.alloc()
+        A, r = state, self.slot
+        A.sid[r], A.pend[r], A.rl[r], A.known[r] = sid, 0, 0, len(prompt_ids)
+        A.last[r], A.ntok[r], A.key[r] = prompt_ids[-1], len(prompt_ids), key
+        self._tokens = list(prompt_ids)
+        self._mask = [False] * len(prompt_ids)
+        self._logprobs = [0.0] * len(prompt_ids)
         self.pos = torch.empty(3, max(256, 2 * len(prompt_ids)), dtype=torch.long)
         self.pos[:, :len(prompt_ids)] = prompt_pos
         self._pos_np = self.pos.numpy()   # same memory: numpy slices cost ~10x less than torch's
@@ -114,25 +160,57 @@ class _Seq:
         self.cursor = cursor
         self.blocks = list(blocks)
         self.traj = traj
-        self.known = len(prompt_ids)      # tokens the scheduler knows about
         self.round_start = len(prompt_ids)
-        self.round_len = 0
         self.truncated = False
         self.done = False
         self.sched_finished = False
 
-    def append_text(self, tok: int, generated: bool, logprob: float) -> None:
-        """Append one text token (sampled, or an injected <|im_end|>) at the cursor's next position."""
-        if self.written == len(self.tokens):
-            self.pending_pos = self.cursor.next_position
-        self.cursor.next_position += 1
-        self.tokens.append(tok)
-        self.mask.append(generated)
-        self.logprobs.append(logprob)
+    # the round's text tokens wait in the slot's arrays (`pend` of them); reading the lists or the cursor
+    # moves them over first, so every Python reader sees the whole sequence
+    def _synced(self) -> _Seq:
+        if self.A.pend[self.slot]:
+            self._flush()
+        return self
 
-    def text_position(self, i: int) -> int:
-        """Position of text token i (all three M-RoPE rows are equal for text)."""
-        return self.pending_pos + i - self.written if i >= self.written else int(self._pos_np[0, i])
+    tokens = property(lambda self: self._synced()._tokens)
+    mask = property(lambda self: self._synced()._mask)
+    logprobs = property(lambda self: self._synced()._logprobs)
+
+    @property
+    def cursor(self) -> MRopeCursor:
+        return self._synced()._cursor
+
+    @cursor.setter
+    def cursor(self, c: MRopeCursor) -> None:
+        if getattr(self, "_cursor", None) is not None and self.A.pend[self.slot]:
+            self._flush()
+        self._cursor = c
+        self.A.npos[self.slot] = c.next_position
+
+    # round length, and the tokens the scheduler knows about: the slot's values
+    round_len = property(lambda self: int(self.A.rl[self.slot]), lambda self, n: self.A.rl.__setitem__(self.slot, n))
+    known = property(lambda self: int(self.A.known[self.slot]), lambda self, n: self.A.known.__setitem__(self.slot, n))
+
+    def _flush(self) -> None:
+        A, r = self.A, self.slot
+        k = int(A.pend[r])
+        if self.written == len(self._tokens):
+            self.pending_pos = int(A.npos[r]) - k
+        self._tokens += A.rt_tok[r, :k].tolist()
+        self._mask += A.rt_gen[r, :k].tolist()
+        self._logprobs += A.rt_lp[r, :k].tolist()
+        A.pend[r] = 0
+        self._cursor.next_position = int(A.npos[r])
+
+    def append_text(self, tok: int, generated: bool, logprob: float) -> None:
+        """Append one text token (sampled, or an injected <|im_end|>) at the next text position."""
+        A, r = self.A, self.slot
+        j = A.pend[r]
+        A.rt_tok[r, j], A.rt_gen[r, j], A.rt_lp[r, j] = tok, generated, logprob
+        A.pend[r] = j + 1
+        A.last[r] = tok
+        A.npos[r] += 1
+        A.ntok[r] += 1
 
     def flush_pos(self) -> None:
         n, w = len(self.tokens), self.written
@@ -144,13 +222,15 @@ class _Seq:
     def append_block(self, ids: list[int], p_3n: torch.Tensor) -> None:
         """Append prefilled (not generated) tokens with their positions (an observation turn)."""
         self.flush_pos()
-        n0, k = len(self.tokens), len(ids)
-        self.tokens.extend(ids)
-        self.mask.extend([False] * k)
-        self.logprobs.extend([0.0] * k)
+        n0, k = len(self._tokens), len(ids)
+        self._tokens.extend(ids)
+        self._mask.extend([False] * k)
+        self._logprobs.extend([0.0] * k)
         self._grow(n0 + k)
         self.pos[:, n0:n0 + k] = p_3n
         self.written = n0 + k
+        self.A.last[self.slot] = ids[-1]
+        self.A.ntok[self.slot] += k
 
     def _grow(self, need: int) -> None:
         if need > self.pos.shape[1]:
@@ -255,7 +335,7 @@ class RolloutEngine(EngineStep):
         self.suppress_ids = torch.tensor([c.vision_start, c.vision_end, c.image_pad, c.video_pad, c.im_start],
                                          device=self.device)
         self._pieces: dict[int, str] = {}
-        self._may_end: dict[int, bool] = {}   # token id -> may it end a round (<|im_end|>, a line break)
+        self._may_end: np.ndarray | None = None   # token id -> may it end a round? 1 / 0, -1: not seen yet
         self._vision_fwd = None   # vision_forward.VisionForward, kept across generate() calls (grid-plan cache)
         self.stats: dict = {}
 
@@ -282,6 +362,10 @@ class RolloutEngine(EngineStep):
         self.results = [[None] * num_generations for _ in samples]
         self.seqs: dict[int, _Seq] = {}
         self.groups: dict[int, _Group] = {}
+        # the step's per-sequence arrays: a round holds <= max_new_tokens sampled tokens + an injected <|im_end|>
+        self.seq_state = _SeqState(self.max_new_tokens + 2)
+        self._slot_of = np.zeros(64, dtype=np.int64)   # scheduler seq id -> slot in seq_state
+        self._seq_at: dict[int, _Seq] = {}              # slot -> its live sequence
         self.stats = dict(generated_tokens=0, prefill_tokens=0, decode_tokens=0, prefill_tokens_saved=0,
                           prefix_tokens_shared=0, kv_reuse_tokens=0, visual_tokens=0, vision_tokens_encoded=0,
                           vision_cache_hits=0, vision_cache_misses=0, wall_s=0.0, model_s=0.0, vision_s=0.0,
@@ -362,20 +446,22 @@ class RolloutEngine(EngineStep):
     def _run(self, samples) -> None:
         todo = deque(enumerate(samples))
         self.futures: dict = {}    # Future -> ("prompt", sample_index) | ("obs", _Seq)
+        self._done: deque = deque()  # futures as they complete (their callbacks append here, on any thread)
+        self._prompts_pending = 0
         max_groups = max(2, -(-self.sched_config.max_num_seqs // self.G))
         while todo or self.futures or self.groups:
-            while todo and len(self.groups) + sum(1 for k, _ in self.futures.values() if k == "prompt") < max_groups:
+            while todo and len(self.groups) + self._prompts_pending < max_groups:
                 i, s = todo.popleft()
-                self.futures[self.workers.submit(self._prepare_prompt, s)] = ("prompt", i)
+                self._submit(("prompt", i), self._prepare_prompt, s)
             self._collect(block=False)
-            out = self.sched.schedule()
+            out = self.sched.schedule_arrays()
             self.stats["preemptions"] += len(out.preempted)
             for sid in out.finished:
                 s = self.seqs[sid]
                 s.sched_finished = True
                 self.stats["kv_budget_finishes"] += 1
                 self._finish(s, "kv_budget")
-            if out.scheduled:
+            if len(out.seq_ids):
                 self._step(out)
             elif self.futures:
                 self._collect(block=True)
@@ -387,17 +473,23 @@ class RolloutEngine(EngineStep):
         """Apply finished background work: new prompts (groups) and observations; one vision call per kind."""
         if not self.futures:
             return
-        if block:
+        done = []
+        if block and not self._done:
             t = time.perf_counter()
-            done, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
+            fin, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
+            done = [f for f in self.futures if f in fin]
             self.stats["env_wait_s"] += time.perf_counter() - t
-        else:
-            done = [f for f in self.futures if f.done()]
+        while self._done:   # NOTE: a callback may append while this drains: it is taken now or next step
+            done.append(self._done.popleft())
         if not done:
             return
         ready = []
         for f in done:
-            kind, who = self.futures.pop(f)
+            tag = self.futures.pop(f, None)
+            if tag is None:   # taken from `wait` before its callback ran
+                continue
+            kind, who = tag
+            self._prompts_pending -= kind == "prompt"
             try:
                 ready.append((kind, who, f.result()))
             except Exception as e:  # noqa: BLE001 - one sample's bad media must not lose the whole batch
@@ -446,6 +538,13 @@ class RolloutEngine(EngineStep):
                         self.stats["vision_cache_hits"] += 1
                     enc.append(hit)
                 self._apply_observation(who, obs, enc, turn)
+
+    def _submit(self, tag, fn, *args) -> None:
+        """Run fn(*args) on a worker; `_collect` applies its result once done (tag: what it is for)."""
+        f = self.workers.submit(fn, *args)
+        self.futures[f] = tag
+        self._prompts_pending += tag[0] == "prompt"
+        f.add_done_callback(self._done.append)
 
     def _fail(self, kind: str, who, e: Exception) -> None:
         """End the episodes of the job that raised with finish reason "error: <Type>: <message>"."""
@@ -515,12 +614,29 @@ class RolloutEngine(EngineStep):
         group.vision[item.key] = enc
         sids = self.sched.add_group(sample_index, len(ids), self.G)
         block = _Block(item, offset, emb, pv, grid)
+        if max(sids) >= len(self._slot_of):
+            self._slot_of = np.concatenate([self._slot_of, np.zeros(max(sids) + 1, dtype=np.int64)])
         for r, sid in enumerate(sids):
             traj = Trajectory(sample_index=sample_index, rollout_index=r)
-            s = _Seq(sid, group, r, env.fork(), rollout_key(self.seed, sample_index, r), ids, pos, cursor.copy(), [block], traj)
+            s = _Seq(sid, group, r, env.fork(), rollout_key(self.seed, sample_index, r), ids, pos, cursor.copy(),
+                     [block], traj, self.seq_state)
             group.seqs.append(s)
             self.seqs[sid] = s
+            self._slot_of[sid] = s.slot
+            self._seq_at[s.slot] = s
+            self._script_round(s)
         self.groups[sample_index] = group
+
+    def _script_round(self, s: _Seq) -> None:
+        """Test hook: the scripted tokens of the round `s` starts now (-1: sample), read by the step per token."""
+        if self.forced_rounds is None:
+            return
+        row = self.seq_state.forced[s.slot]
+        row[:] = -1
+        script = self.forced_rounds(s.group.sample_index, s.rollout_index, len(s.traj.rounds))
+        if script is not None:
+            k = min(len(script), len(row))
+            row[:k] = list(script)[:k]
 
     def _apply_observation(self, s: _Seq, obs, enc, turn) -> None:
         t = s.traj
@@ -537,6 +653,7 @@ class RolloutEngine(EngineStep):
             s.blocks.append(_Block(item, base + st + 1, e, pv, g))
         s.append_block(ids, pos)
         s.round_start, s.round_len, s.truncated = len(s.tokens), 0, False
+        self._script_round(s)
         self._sync(s)
 
     def _sync(self, s: _Seq) -> None:
@@ -590,7 +707,7 @@ class RolloutEngine(EngineStep):
             self._finish(s, "max_new_tokens" if s.truncated else "max_rounds")
             return
         self.sched.await_observation(s.sid)
-        self.futures[self.workers.submit(self._run_env, s.env, s.group, text, s.cursor.copy())] = ("obs", s)
+        self._submit(("obs", s), self._run_env, s.env, s.group, text, s.cursor.copy())
 
     def _finish(self, s: _Seq, reason: str) -> None:
         if s.done:
@@ -622,7 +739,9 @@ class RolloutEngine(EngineStep):
         g = s.group
         self.results[g.sample_index][s.rollout_index] = t
         del self.seqs[s.sid]
-        s.env = s.blocks = None
+        del self._seq_at[s.slot]
+        self.seq_state.release(s.slot)
+        s.env = s.blocks = s.A = None   # a late read of a finished sequence fails loudly
         g.live -= 1
         if g.live == 0:
             g.seqs.clear()

@@ -1,11 +1,14 @@
 """One engine step of RolloutEngine (issue 16), split from engine.py at the step seam: `EngineStep` is the
 engine's step half (a mixin; the engine supplies the state: model, pool, scheduler, sequences, stats).
 
-Per step: `_chunk_rows` turns the scheduled chunks into host lists (ids, KV slots, positions, block tables,
-media rows); `_step` (the lean step) does all host bookkeeping first, then ONE upload, `_forward` (embeddings,
-the packed or transformers text forward, lm_head on the sampling rows), the sampler on the device and ONE
-download; `_step_unfused` is the previous step, kept as bench/bench_engine_step.py's baseline and running the
-same `_forward`. Tokens go back to the engine through `_on_token`.
+Per step: the scheduler's flat arrays (`schedule_arrays`: no Python object per chunk) -> `_chunk_rows`: ids,
+positions, KV slots, per-chunk metadata and media rows, the decodes gathered at once from the per-sequence
+arrays (engine._SeqState: last token, next position, ...), prefill chunks from their sequence's lists;
+`_step` (the lean step) does all host bookkeeping first, then ONE upload, `_forward` (embeddings, the packed
+or transformers text forward, lm_head on the sampling rows), the sampler on the device and ONE download;
+`_on_tokens` appends the tokens that end nothing to their slots' round arrays at once, the others go through
+the engine's `_on_token`. `_step_unfused` is the previous step (per-tensor uploads, per-token hand-off), kept
+as bench/bench_engine_step.py's baseline and running the same `_forward`.
 """
 from __future__ import annotations
 
@@ -49,76 +52,78 @@ class EngineStep:
                 return b
         return n
 
-    def _pad_decodes(self, rows) -> None:
-        """Pad a decode-only step's host lists (`_chunk_rows`' tuple, in place) up to its decode bucket."""
-        ids, slots, q_starts, q_lens, ctx, tables, _, dec_rows, dec_pos, pre = rows
+    def _pad_decodes(self, rows, decode_only: bool):
+        """A decode-only step's rows (`_chunk_rows`' tuple) padded up to its decode bucket (a new tuple)."""
+        ids, pos, slots, q_starts, q_lens, ctx, media_rows, (t_off, t_ids) = rows
         n = len(ids)
-        if pre or n != len(q_starts):
-            return
-        k, scratch = self.decode_bucket(n) - n, self._scratch_block
-        ids += [0] * k
-        slots += [scratch * self.pool.block_size] * k   # every padded row writes the scratch block's row 0
-        q_starts += range(n, n + k)
-        q_lens += [1] * k
-        ctx += [1] * k                                  # ... and attends to that one row
-        tables += [[scratch]] * k
-        dec_rows += range(n, n + k)
-        dec_pos += [0] * k
+        k = self.decode_bucket(n) - n
+        if not decode_only or not k:
+            return rows
+        scratch = self._scratch_block
+        pad = lambda a, v: np.concatenate([a, np.full(a.shape[:-1] + (k,), v, dtype=a.dtype)], axis=-1)  # noqa: E731
+        # every padded row writes the scratch block's row 0 and attends to that one row
+        return (pad(ids, 0), pad(pos, 0), pad(slots, scratch * self.pool.block_size),
+                np.concatenate([q_starts, np.arange(n, n + k)]), pad(q_lens, 1), pad(ctx, 1), media_rows,
+                (np.concatenate([t_off, t_off[-1] + np.arange(1, k + 1)]), pad(t_ids, scratch)))
 
-    def _chunk_rows(self, chunks):
-        """Host lists of a step: token ids, KV slots, per-chunk query starts / lengths / context lengths / block
-        tables, media rows (row, n, embeds, first embed row), decode rows and positions, prefill position views."""
-        bs = self.pool.block_size
-        ids, slots, q_starts, q_lens, ctx, tables, media_rows = [], [], [], [], [], [], []
-        dec_rows, dec_pos, pre = [], [], []   # decodes: (row, text position); prefills: (row, (3, n) view)
-        seqs = self.seqs
-        for c in chunks:
-            s = seqs[c.seq_id]
-            a, n = c.start, c.num_tokens
-            row = len(ids)
-            q_starts.append(row)
-            t = c.block_ids
-            if not c.is_prefill:   # one text token: the one sampled last step
-                ids.append(s.tokens[a])
-                dec_rows.append(row)
-                dec_pos.append(s.text_position(a))
-                slots.append(t[a // bs] * bs + a % bs)
-            else:
-                b = a + n
-                s.flush_pos()
-                ids.extend(s.tokens[a:b])
-                pre.append((row, s._pos_np[:, a:b]))
-                slots.extend(t[p // bs] * bs + p % bs for p in range(a, b))
-                for blk in s.blocks:
-                    lo, hi = max(a, blk.offset), min(b, blk.offset + blk.embeds.shape[0])
-                    if lo < hi:
-                        media_rows.append((row + lo - a, hi - lo, blk.embeds, lo - blk.offset))
-            q_lens.append(n)
-            ctx.append(a + n)
-            tables.append(t)
-        self.stats["decode_tokens"] += len(dec_rows)
-        self.stats["prefill_tokens"] += len(ids) - len(dec_rows)
-        return ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre
+    def _chunk_rows(self, a):
+        """A step's rows from the scheduler's flat arrays `a` (ScheduleArrays): token ids (L,), positions (3, L),
+        KV slots (L,), per-chunk query starts / lengths / context lengths (C,), media rows (row, n, embeds,
+        first embed row) and the block tables (table_off, table_ids). Decodes (one sampled token each) are
+        gathered from the per-sequence arrays at once; prefill chunks read their sequence's lists."""
+        bs, A = self.pool.block_size, self.seq_state
+        q_lens, starts = a.num_tokens, a.starts
+        C = len(q_lens)
+        q_starts = np.zeros(C, dtype=np.int64)
+        np.cumsum(q_lens[:-1], out=q_starts[1:])
+        L = int(q_starts[-1] + q_lens[-1])
+        ids, slots, pos = np.empty(L, dtype=np.int64), np.empty(L, dtype=np.int64), np.empty((3, L), dtype=np.int64)
+        dec = ~a.is_prefill
+        rows, d_start, r = q_starts[dec], starts[dec], self._slot_of[a.seq_ids[dec]]
+        ids[rows] = A.last[r]            # the token sampled last step, at the position after the previous one
+        pos[:, rows] = A.npos[r] - 1
+        slots[rows] = a.table_ids[a.table_off[:-1][dec] + d_start // bs] * bs + d_start % bs
+        media_rows = []
+        for i in np.flatnonzero(a.is_prefill).tolist():
+            s = self.seqs[int(a.seq_ids[i])]
+            st, n, row = int(starts[i]), int(q_lens[i]), int(q_starts[i])
+            b = st + n
+            s.flush_pos()
+            ids[row:row + n] = s.tokens[st:b]
+            pos[:, row:row + n] = s._pos_np[:, st:b]
+            p = np.arange(st, b)
+            slots[row:row + n] = a.table_ids[a.table_off[i] + p // bs] * bs + p % bs
+            for blk in s.blocks:
+                lo, hi = max(st, blk.offset), min(b, blk.offset + blk.embeds.shape[0])
+                if lo < hi:
+                    media_rows.append((row + lo - st, hi - lo, blk.embeds, lo - blk.offset))
+        self.stats["decode_tokens"] += len(rows)
+        self.stats["prefill_tokens"] += L - len(rows)
+        return ids, pos, slots, q_starts, q_lens, starts + q_lens, media_rows, (a.table_off, a.table_ids)
 
-    def _step(self, out) -> None:
+    def _step(self, a) -> None:
         if self.step_impl == "unfused":
-            return self._step_unfused(out)
-        chunks = out.scheduled
-        rows = self._chunk_rows(chunks)
+            return self._step_unfused(a)
+        rows = self._chunk_rows(a)
         if self.PAD_DECODES:
-            self._pad_decodes(rows)
-        ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre = rows
-        sampling = [(c, q_starts[i] + c.num_tokens - 1) for i, c in enumerate(chunks) if c.samples]
-        meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
+            rows = self._pad_decodes(rows, not a.is_prefill.any())
+        ids, pos, slots, q_starts, q_lens, ctx, media_rows, tables = rows
+        smp = np.flatnonzero(a.samples)                       # the sampling chunks, in chunk order
+        head_rows = q_starts[smp] + q_lens[smp] - 1
+        meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, backend=self.attn_backend, csr=tables)
         # NOTE: read the block tables now, before the scheduler's updates and forks below
         n_attn = meta.staged_size()
         if meta.cpp_chunks:
             meta.cpp_meta()
-        for c in chunks:
-            self.sched.update(c.seq_id, c.num_tokens)
-        who, who_rows, copies = self._forks(sampling)
-        L, N, W = len(ids), len(sampling), len(who)
-        forced = self._forced_tokens(who) if self.forced_rounds is not None and W else None
+        self.sched.update_many(a.seq_ids, a.num_tokens)
+        who, who_rows, copies = self._forks(a, smp)
+        A = self.seq_state
+        L, N, W = len(ids), len(smp), len(who)
+        forced = None
+        if self.forced_rounds is not None and W:
+            forced = A.forced[who, A.rl[who]]
+            if not (forced >= 0).any():
+                forced = None
         greedy = self.params.greedy
 
         # host staging: [ids L | positions 3L | slots L | head rows N | logit rows W | forced W | uniforms W |
@@ -128,27 +133,21 @@ class EngineStep:
         end = o_attn + n_attn
         host_t, buf = self._staging(end)
         buf[:L] = ids
-        pos = buf[o_pos:o_slot].reshape(3, L)
-        if dec_rows:
-            pos[:, dec_rows] = dec_pos
-        for row, p in pre:
-            pos[:, row:row + p.shape[1]] = p
+        buf[o_pos:o_slot] = pos.reshape(-1)
         buf[o_slot:o_rows] = slots
-        buf[o_rows:o_who] = [r for _, r in sampling]
+        buf[o_rows:o_who] = head_rows
         buf[o_who:o_forced] = who_rows
         buf[o_forced:o_u] = forced if forced is not None else -1
         if W and not greedy:   # counter-based: the draw of token i of a rollout is a function of (key, i)
-            buf[o_u:o_u + W].view(np.float64)[:] = counter_uniforms(
-                np.fromiter((s.key for s in who), dtype=np.uint64, count=W),
-                np.fromiter((len(s.tokens) for s in who), dtype=np.uint64, count=W))
+            buf[o_u:o_u + W].view(np.float64)[:] = counter_uniforms(A.key[who], A.ntok[who])
         meta.stage(buf[o_attn:end])
         dev = self._upload(host_t, end)
         meta.bind(dev[o_attn:end])
 
         logits_NV = self._forward(dev[:L], dev[o_pos:o_slot].view(3, L), dev[o_slot:o_rows], meta, media_rows,
                                   dev[o_rows:o_who] if N else None)
-        for src, dst, rows in copies:   # forks' partial blocks, after the forward wrote the leader's rows
-            self.pool.copy_rows(src, dst, rows)
+        for src, dst, n in copies:   # forks' partial blocks, after the forward wrote the leader's rows
+            self.pool.copy_rows(src, dst, n)
         if not W:
             return
         logits = logits_NV if W == N else logits_NV.index_select(0, dev[o_who:o_forced])
@@ -156,30 +155,40 @@ class EngineStep:
                              uniforms=None if greedy else dev[o_u:o_u + W].view(torch.float64),
                              forced=dev[o_forced:o_u] if forced is not None else None)
         # the step's one download (and its one sync): ids as float64 (exact below 2^53) beside their log-probs
-        tok_f, lp_f = torch.stack((tokens.to(torch.float64), lps.to(torch.float64))).cpu().tolist()
+        tok_lp = torch.stack((tokens.to(torch.float64), lps.to(torch.float64))).cpu().numpy()
         self.stats["generated_tokens"] += W
-        self._on_tokens(who, tok_f, lp_f)
+        self._on_tokens(who, tok_lp[0].astype(np.int64), tok_lp[1])
 
     def _on_tokens(self, who, toks, lps) -> None:
-        """Hand each sampled token to its sequence. Most tokens end nothing: they are appended here (what
-        `_on_token` does for them) and the scheduler learns of them in one call; a token that may end its round
-        (<|im_end|>, a line break, the round's last allowed token) goes through `_on_token`."""
-        may_end, last = self._may_end, self.max_new_tokens - 1
-        plain = []
-        for s, tok, lp in zip(who, toks, lps):
-            tok = int(tok)
-            end = may_end.get(tok)
-            if end is None:
-                end = may_end[tok] = tok == self.chat.im_end or has_line_break(self._piece(tok))
-            if end or s.round_len >= last:
-                self._on_token(s, tok, lp)
-            else:
-                s.append_text(tok, True, lp)
-                s.round_len += 1
-                s.known += 1
-                plain.append(s.sid)
-        if plain:
-            self.sched.append_one_each(plain)
+        """Hand the sampled tokens (W,) to their sequences (slots `who`). Most tokens end nothing: they are
+        appended to their slot's round arrays at once and the scheduler learns of them in one call; a token that
+        may end its round (<|im_end|>, a line break, the round's last allowed token) goes through `_on_token`."""
+        A = self.seq_state
+        end = self._may_end_of(toks) | (A.rl[who] >= self.max_new_tokens - 1)
+        plain = ~end
+        if plain.any():
+            r, t = who[plain], toks[plain]
+            j = A.pend[r]
+            A.rt_tok[r, j], A.rt_lp[r, j], A.rt_gen[r, j] = t, lps[plain], True
+            A.last[r] = t
+            for f in (A.pend, A.rl, A.npos, A.ntok, A.known):
+                f[r] += 1
+            self.sched.append_one_each(A.sid[r])
+        for k in np.flatnonzero(end).tolist():
+            self._on_token(self._seq_at[int(who[k])], int(toks[k]), float(lps[k]))
+
+    def _may_end_of(self, toks: np.ndarray) -> np.ndarray:
+        """(W,) bool: may each token end its round (<|im_end|>, or its text holds a line break)? One lookup in a
+        vocabulary table (1 / 0, -1: not seen yet) filled as tokens are first seen."""
+        tab = self._may_end
+        if tab is None:
+            tab = self._may_end = np.full(modeling.lm_head(self.model).out_features, -1, dtype=np.int8)
+        m = tab[toks]
+        if m.min(initial=0) < 0:
+            for t in np.unique(toks[m < 0]).tolist():
+                tab[t] = t == self.chat.im_end or has_line_break(self._piece(t))
+            m = tab[toks]
+        return m.view(bool)
 
     def _forward(self, ids_L, pos_3L, slots_L, meta, media_rows, head_rows):
         """The step's model work, shared by both step implementations: embeddings (media rows scattered in), the
@@ -203,37 +212,28 @@ class EngineStep:
         self.stats["steps"] += 1
         return logits_NV
 
-    def _forks(self, sampling):
-        """Who samples this step (host bookkeeping only): the sampling sequences, then the followers a leader's
-        last prompt logits fork (prefix sharing). Returns (sequences, their logit rows, partial-block copies)."""
-        who, rows, copies = [], [], []
-        for k, (c, _) in enumerate(sampling):
-            s = self.seqs[c.seq_id]
-            who.append(s)
-            rows.append(k)
+    def _forks(self, a, smp):
+        """Who samples this step (host bookkeeping only): the sampling chunks' sequences (slots), then the
+        followers a leader's last prompt logits fork (prefix sharing; only a prefill chunk completes a prompt).
+        Returns (slots (W,), their logit rows (W,), partial-block copies)."""
+        who, rows, copies = self._slot_of[a.seq_ids[smp]], np.arange(len(smp)), []
+        more, more_rows = [], []
+        for k in np.flatnonzero(a.is_prefill[smp]).tolist():
+            i = smp[k]
+            s = self.seqs[int(a.seq_ids[i])]
             g = s.group
-            if s.rollout_index == 0 and not g.forked and c.start + c.num_tokens == len(s.tokens) == s.round_start:
+            if s.rollout_index == 0 and not g.forked and a.starts[i] + a.num_tokens[i] == len(s.tokens) == s.round_start:
                 g.forked = True
                 for f in self.sched.fork_ready(g.gid):
                     if f.copy_src >= 0:
                         copies.append((f.copy_src, f.copy_dst, f.copy_rows))
                     child = self.seqs[f.child]
                     self.stats["prefix_tokens_shared"] += len(child.tokens)
-                    who.append(child)
-                    rows.append(k)
+                    more.append(child.slot)
+                    more_rows.append(k)
+        if more:
+            who, rows = np.concatenate([who, more]), np.concatenate([rows, more_rows])
         return who, rows, copies
-
-    def _forced_tokens(self, who) -> list[int] | None:
-        """Scripted tokens (test/bench hook) per sampling row, -1 where the row samples; None when none is."""
-        out, any_forced = [], False
-        for s in who:
-            script = self.forced_rounds(s.group.sample_index, s.rollout_index, len(s.traj.rounds))
-            if script is not None and s.round_len < len(script):
-                out.append(int(script[s.round_len]))
-                any_forced = True
-            else:
-                out.append(-1)
-        return out if any_forced else None
 
     def _staging(self, n: int):
         """(host tensor, its int64 numpy view) holding >= n values: two buffers used in turn, pinned when CUDA is
@@ -262,30 +262,28 @@ class EngineStep:
             self._stage["events"][self._stage["turn"]] = ev
         return dev
 
-    def _step_unfused(self, out) -> None:
-        """The previous step (bench_engine_step.py's baseline): op-by-op forward, per-tensor uploads."""
-        chunks = out.scheduled
-        ids, slots, q_starts, q_lens, ctx, tables, media_rows, dec_rows, dec_pos, pre = self._chunk_rows(chunks)
-        pos_3L = np.empty((3, len(ids)), dtype=np.int64)
-        if dec_rows:
-            pos_3L[:, dec_rows] = dec_pos
-        for row, p in pre:
-            pos_3L[:, row:row + p.shape[1]] = p
+    def _step_unfused(self, a) -> None:
+        """The previous step (bench_engine_step.py's baseline): op-by-op forward, per-tensor uploads, per-token
+        hand-off and scripted tokens."""
+        ids, pos_3L, slots, q_starts, q_lens, ctx, media_rows, tables = self._chunk_rows(a)
         if self.packed is not None and self.packed.fused:
             self.packed = packed_forward.PackedForward(self.model, fused=False)
-        meta = attn.PagedBatch(self.pool, q_starts, q_lens, ctx, tables, backend=self.attn_backend)
-        sampling = [(c, q_starts[i] + c.num_tokens - 1) for i, c in enumerate(chunks) if c.samples]
-        logits_NV = self._forward(torch.tensor(ids, device=self.device), torch.from_numpy(pos_3L).to(self.device),
-                                  torch.tensor(slots, device=self.device), meta, media_rows,
-                                  torch.tensor([r for _, r in sampling], device=self.device) if sampling else None)
-        for c in chunks:
-            self.sched.update(c.seq_id, c.num_tokens)
-        who, rows, copies = self._forks(sampling)
+        meta = attn.PagedBatch(self.pool, q_starts.tolist(), q_lens.tolist(), ctx.tolist(), backend=self.attn_backend,
+                               csr=tables)
+        smp = np.flatnonzero(a.samples)
+        head = (q_starts[smp] + q_lens[smp] - 1).tolist()
+        logits_NV = self._forward(torch.tensor(ids.tolist(), device=self.device), torch.from_numpy(pos_3L).to(self.device),
+                                  torch.tensor(slots.tolist(), device=self.device), meta, media_rows,
+                                  torch.tensor(head, device=self.device) if head else None)
+        for sid, n in zip(a.seq_ids.tolist(), a.num_tokens.tolist()):
+            self.sched.update(sid, n)
+        slots_W, rows, copies = self._forks(a, smp)
         for src, dst, n in copies:
             self.pool.copy_rows(src, dst, n)
+        who = [self._seq_at[r] for r in slots_W.tolist()]
         if not who:
             return
-        logits = logits_NV if len(who) == len(sampling) else logits_NV[torch.tensor(rows, device=logits_NV.device)]
+        logits = logits_NV if len(who) == len(smp) else logits_NV[torch.tensor(rows.tolist(), device=logits_NV.device)]
         u = None
         if not self.params.greedy:
             u = counter_uniforms(np.fromiter((s.key for s in who), dtype=np.uint64, count=len(who)),
@@ -308,4 +306,3 @@ class EngineStep:
         self.stats["generated_tokens"] += len(who)
         for s, tok, lp in zip(who, tokens, lps):
             self._on_token(s, tok, lp)
-

@@ -29,6 +29,8 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 # --- plain data crossing the boundary ------------------------------------------------------------------
 
 
@@ -60,6 +62,33 @@ class SchedulerOutput:
     preempted: list[int] = field(default_factory=list)  # KV freed this step; recomputed from 0 later
     finished: list[int] = field(default_factory=list)   # finished by the scheduler ("kv_budget") this step
     num_batched_tokens: int = 0
+
+
+@dataclass
+class ScheduleArrays:
+    """One step as flat arrays (`schedule_arrays`). Legend: C scheduled chunks; the block tables concatenated
+    in `table_ids`, chunk i's at table_ids[table_off[i]:table_off[i + 1]]."""
+    seq_ids: np.ndarray      # (C,) int64
+    starts: np.ndarray       # (C,) int64
+    num_tokens: np.ndarray   # (C,) int64
+    is_prefill: np.ndarray   # (C,) bool
+    samples: np.ndarray      # (C,) bool
+    table_off: np.ndarray    # (C + 1,) int64
+    table_ids: np.ndarray    # (sum of table lengths,) int64
+    preempted: list[int]
+    finished: list[int]
+    num_batched_tokens: int
+
+    @classmethod
+    def of(cls, out: SchedulerOutput) -> ScheduleArrays:
+        sc = out.scheduled
+        col = lambda f, dt=np.int64: np.array([f(c) for c in sc], dtype=dt)  # noqa: E731
+        off = np.zeros(len(sc) + 1, dtype=np.int64)
+        np.cumsum([len(c.block_ids) for c in sc], out=off[1:])
+        ids = np.array([b for c in sc for b in c.block_ids], dtype=np.int64)
+        return cls(col(lambda c: c.seq_id), col(lambda c: c.start), col(lambda c: c.num_tokens),
+                   col(lambda c: c.is_prefill, bool), col(lambda c: c.samples, bool), off, ids,
+                   list(out.preempted), list(out.finished), out.num_batched_tokens)
 
 
 @dataclass
@@ -99,6 +128,11 @@ class _Group:
 
     def __init__(self, group_id: int, prompt_len: int, leader: int, pending: list[int]):
         self.group_id, self.prompt_len, self.leader, self.pending = group_id, prompt_len, leader, pending
+
+
+def _py_int(v):
+    """numpy integers as Python ints (what the argument checks take); anything else as it is."""
+    return int(v) if isinstance(v, np.integer) else v
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -252,10 +286,21 @@ class Scheduler:
         s.num_tokens += n
         s.awaiting_obs = False
 
-    def append_one_each(self, seq_ids: list[int]) -> None:
+    def append_one_each(self, seq_ids) -> None:
         """`append_tokens(seq_id, 1)` for each id (one call for a step's sampled tokens)."""
         for sid in seq_ids:
-            self.append_tokens(sid, 1)
+            self.append_tokens(_py_int(sid), 1)
+
+    def update_many(self, seq_ids, num_computed) -> None:
+        """`update(seq_ids[i], num_computed[i])` for each i (one call for a step's chunks)."""
+        if len(seq_ids) != len(num_computed):
+            raise ValueError(f"update_many: {len(seq_ids)} seq_ids but {len(num_computed)} num_computed")
+        for sid, n in zip(seq_ids, num_computed):
+            self.update(_py_int(sid), _py_int(n))
+
+    def schedule_arrays(self) -> ScheduleArrays:
+        """`schedule()` as flat arrays (the engine's step reads these: no object per chunk on the C++ side)."""
+        return ScheduleArrays.of(self.schedule())
 
     def await_observation(self, seq_id: int) -> None:
         s = self._get(seq_id, "await_observation")
@@ -514,5 +559,5 @@ def make_scheduler(config: SchedulerConfig | None = None, impl: str = "auto"):
     return _C.Scheduler(c)
 
 
-__all__ = ["SchedulerConfig", "ScheduledSeq", "SchedulerOutput", "Fork", "Scheduler", "make_scheduler",
-           "cpp_available"]
+__all__ = ["SchedulerConfig", "ScheduledSeq", "SchedulerOutput", "ScheduleArrays", "Fork", "Scheduler",
+           "make_scheduler", "cpp_available"]
