@@ -233,3 +233,42 @@ def test_bad_arguments(model32):
     with pytest.raises(ValueError, match="temperature"):
         eng.generate([], temperature=0.0)
     assert eng.generate([], num_generations=2) == []
+
+
+def test_per_sequence_arrays_grow_and_reuse_slots(model32, rollout_samples, monkeypatch):
+    """The step's per-sequence arrays (engine._SeqState) start at one slot here, so they grow while sequences
+    hold pending round tokens, and groups admitted after others finished reuse freed slots: the sampled
+    episodes are the same as with the default capacity (tokens, positions; log-probs to fp32 rounding)."""
+    from videocom_fast.rollout import engine as engine_mod
+    model, proc = model32
+    samples = rollout_samples[:3]
+    kw = dict(max_num_seqs=4, max_rounds=4)   # 2 groups of 3 at a time: the third reuses slots
+    ref = _engine(model, proc, samples, **kw).generate(samples, num_generations=3, seed=3)
+    caps, reused, released = [], [], set()
+
+    class Tiny(engine_mod._SeqState):
+        def __init__(self, width):
+            super().__init__(width, cap=1)
+
+        def _grow(self, cap):
+            caps.append(cap)
+            super()._grow(cap)
+
+        def release(self, r):
+            released.add(r)
+            super().release(r)
+
+        def alloc(self):
+            r = super().alloc()
+            reused.append(r in released)
+            return r
+    monkeypatch.setattr(engine_mod, "_SeqState", Tiny)
+    eng = _engine(model, proc, samples, **kw)
+    got = eng.generate(samples, num_generations=3, seed=3)
+    assert caps[:3] == [1, 2, 4] and any(reused), (caps, reused)
+    for gr, gg in zip(ref, got):
+        for a, b in zip(gr, gg):
+            assert a.token_ids == b.token_ids and a.generated_mask == b.generated_mask
+            assert a.finish_reason == b.finish_reason and torch.equal(a.position_ids, b.position_ids)
+            # which sequences share a step follows the workers' timing: fp32 rows differ in the last bits
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
