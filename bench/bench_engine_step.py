@@ -72,7 +72,7 @@ class _StepTimer:
             dt = time.perf_counter() - t
             self.seconds += dt
             self.steps += 1
-            if not any(c.is_prefill for c in out.scheduled):
+            if not out.is_prefill.any():   # the scheduler's flat arrays (schedule_arrays)
                 self.decode_seconds += dt
                 self.decode_steps += 1
         self.eng._step = timed
