@@ -180,9 +180,12 @@ class EngineStep:
     def _may_end_of(self, toks: np.ndarray) -> np.ndarray:
         """(W,) bool: may each token end its round (<|im_end|>, or its text holds a line break)? One lookup in a
         vocabulary table (1 / 0, -1: not seen yet) filled as tokens are first seen."""
-        tab = self._may_end
-        if tab is None:
-            tab = self._may_end = np.full(modeling.lm_head(self.model).out_features, -1, dtype=np.int8)
+        tab, top = self._may_end, int(toks.max(initial=0))
+        if tab is None or top >= len(tab):
+            old, tab = tab, np.full(max(top + 1, 2 * len(tab) if tab is not None else 1024), -1, dtype=np.int8)
+            if old is not None:
+                tab[:len(old)] = old
+            self._may_end = tab
         m = tab[toks]
         if m.min(initial=0) < 0:
             for t in np.unique(toks[m < 0]).tolist():
