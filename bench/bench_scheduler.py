@@ -3,8 +3,9 @@ C++ scheduler through its flat calls (what the engine step does since session 13
 
 A step is what the engine does around each forward: schedule(), then per scheduled chunk read its block
 table, update(), and append the sampled token; "cpp-flat" is the same through schedule_arrays() (numpy
-arrays, the block tables concatenated), one update_many() and one append_one_each(). State: 32 groups x 8 rollouts, prompt 1500 tokens shared by
-prefix forking, so the 256 block tables are about 95 blocks long. Two cases:
+arrays, the block tables concatenated), one update_many() and one append_one_each(). State: 32 groups x 8
+rollouts, prompt 1500 tokens shared by prefix forking, so the 256 block tables are about 95 blocks long.
+Two cases:
   decode  all 256 sequences decode one token (the common step)
   mixed   a quarter of the sequences prefill a 300-token observation in chunks, the rest decode
 Run: .venv/bin/pytest bench/bench_scheduler.py --benchmark-only   (prints a table of C++/Python ratios)
@@ -79,8 +80,8 @@ def _ratio_table(request):
     yield
     if not _medians:
         return
-    lines = ["", "scheduler step, 256 running sequences (2-core CPU)   python ms   cpp ms   speedup   cpp-flat ms   "
-             "cpp / cpp-flat"]
+    lines = ["", "scheduler step, 256 running sequences (2-core CPU)   python ms   cpp ms   speedup"
+             "   cpp-flat ms   cpp / cpp-flat"]
     for case in ("decode", "mixed"):
         py, cpp, flat = (_medians.get((i, case)) for i in ("python", "cpp", "cpp-flat"))
         if py and cpp:

@@ -49,6 +49,9 @@ def test_decode_equals_the_tokenizers_decode(processor):
     """ChatTokens.decode calls the Rust decoder directly: the same text as transformers' decode, on random ids
     (special tokens, split multi-byte characters, empty) and on real text."""
     import random
+
+    import numpy as np
+    import torch
     tok = processor.tokenizer
     chat = ChatTokens(tok)
     assert chat._fast_decode is not None   # the fast path is what this test checks
@@ -58,3 +61,6 @@ def test_decode_equals_the_tokenizers_decode(processor):
     cases += [[rng.randrange(V) for _ in range(rng.randint(1, 40))] for _ in range(300)]
     for ids in cases:
         assert chat.decode(ids) == tok.decode(ids, skip_special_tokens=False), ids
+    ids = cases[2]
+    want = tok.decode(ids, skip_special_tokens=False)
+    assert chat.decode(torch.tensor(ids)) == chat.decode(np.array(ids)) == want

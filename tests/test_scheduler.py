@@ -38,7 +38,8 @@ def chunks(out) -> list[tuple]:
         assert o.dtype == out.seq_ids.dtype == out.starts.dtype == out.num_tokens.dtype == np.int64
         assert out.is_prefill.dtype == out.samples.dtype == bool and o[0] == 0 and o[-1] == len(out.table_ids)
         return [(int(out.seq_ids[i]), int(out.starts[i]), int(out.num_tokens[i]), bool(out.is_prefill[i]),
-                 out.table_ids[o[i]:o[i + 1]].tolist(), bool(out.samples[i])) for i in range(len(out.seq_ids))]
+                 out.table_ids[o[i]:o[i + 1]].tolist(), bool(out.samples[i]))
+                for i in range(len(out.seq_ids))]
     return [(c.seq_id, c.start, c.num_tokens, bool(c.is_prefill), list(c.block_ids), bool(c.samples))
             for c in out.scheduled]
 

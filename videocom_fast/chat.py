@@ -38,7 +38,7 @@ class ChatTokens:
         self._role = {r: [self.im_start, *self.encode(f"{r}\n")] for r in ("system", "user", "assistant")}
         self.generation_prompt = list(self._role["assistant"])
         # transformers' decode of a fast tokenizer is its Rust decoder plus Python layers (~50 us a call on a
-        # 2-core EPYC; the engine decodes each round's text): call the decoder directly where that is all it does
+        # 2-core EPYC; the engine decodes each round's text): the decoder directly, where that is all it does
         fast = getattr(self.tokenizer, "_tokenizer", None)
         self._fast_decode = (fast.decode if fast is not None and hasattr(fast, "decode")
                              and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False) else None)
@@ -47,8 +47,9 @@ class ChatTokens:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def decode(self, ids) -> str:
-        if self._fast_decode is not None:
-            return self._fast_decode(list(ids), skip_special_tokens=False)
+        if self._fast_decode is not None:   # ids: a list, or a tensor / array (as transformers' decode takes)
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+            return self._fast_decode(ids, skip_special_tokens=False)
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def media(self, kind: str, n_tokens: int) -> list[int]:

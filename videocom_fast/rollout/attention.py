@@ -84,7 +84,7 @@ class PagedBatch:
 
     def __post_init__(self):
         if (self.block_tables is None) == (self.csr is None):
-            raise ValueError("PagedBatch: give the block tables as block_tables or as csr, not both or neither")
+            raise ValueError("PagedBatch: give the block tables as block_tables or as csr (exactly one)")
         q = np.asarray(self.q_lens)
         short = q <= CPP_MAX_QUERY_ROWS if self.backend == "cpp" else np.zeros(len(q), dtype=bool)
         self.cpp_chunks = np.flatnonzero(short).tolist()
@@ -136,7 +136,8 @@ class PagedBatch:
                     table[r, :nblk(i)] = self.table(i)[:nblk(i)]
                 out += [(f"rows{b}", np.array([self.q_starts[i] for i in dec], dtype=np.int64)),
                         (f"ctx{b}", np.array([self.ctx_lens[i] for i in dec], dtype=np.int64)), (f"table{b}", table)]
-            out += [(f"pre{i}", np.asarray(self.table(i)[:nblk(i)], dtype=np.int64)) for i in self.prefill_chunks]
+            out += [(f"pre{i}", np.asarray(self.table(i)[:nblk(i)], dtype=np.int64))
+                    for i in self.prefill_chunks]
         self._cache["layout"] = out
         return out
 

@@ -142,7 +142,8 @@ class _SeqState:
 
 
 class _Seq:
-    def __init__(self, sid, group, rollout_index, env, key, prompt_ids, prompt_pos, cursor, blocks, traj, state):
+    def __init__(self, sid, group, rollout_index, env, key, prompt_ids, prompt_pos, cursor, blocks, traj,
+                 state: _SeqState):
         self.sid, self.group, self.rollout_index, self.env, self.key = sid, group, rollout_index, env, key
         self.A, self.slot = state, state.alloc()
         A, r = state, self.slot
@@ -188,8 +189,10 @@ class _Seq:
         self.A.npos[self.slot] = c.next_position
 
     # round length, and the tokens the scheduler knows about: the slot's values
-    round_len = property(lambda self: int(self.A.rl[self.slot]), lambda self, n: self.A.rl.__setitem__(self.slot, n))
-    known = property(lambda self: int(self.A.known[self.slot]), lambda self, n: self.A.known.__setitem__(self.slot, n))
+    round_len = property(lambda self: int(self.A.rl[self.slot]),
+                         lambda self, n: self.A.rl.__setitem__(self.slot, n))
+    known = property(lambda self: int(self.A.known[self.slot]),
+                     lambda self, n: self.A.known.__setitem__(self.slot, n))
 
     def _flush(self) -> None:
         A, r = self.A, self.slot
@@ -362,7 +365,7 @@ class RolloutEngine(EngineStep):
         self.results = [[None] * num_generations for _ in samples]
         self.seqs: dict[int, _Seq] = {}
         self.groups: dict[int, _Group] = {}
-        # the step's per-sequence arrays: a round holds <= max_new_tokens sampled tokens + an injected <|im_end|>
+        # the step's per-sequence arrays (a round: <= max_new_tokens sampled tokens + an injected <|im_end|>)
         self.seq_state = _SeqState(self.max_new_tokens + 2)
         self._slot_of = np.zeros(64, dtype=np.int64)   # scheduler seq id -> slot in seq_state
         self._seq_at: dict[int, _Seq] = {}              # slot -> its live sequence
@@ -618,8 +621,8 @@ class RolloutEngine(EngineStep):
             self._slot_of = np.concatenate([self._slot_of, np.zeros(max(sids) + 1, dtype=np.int64)])
         for r, sid in enumerate(sids):
             traj = Trajectory(sample_index=sample_index, rollout_index=r)
-            s = _Seq(sid, group, r, env.fork(), rollout_key(self.seed, sample_index, r), ids, pos, cursor.copy(),
-                     [block], traj, self.seq_state)
+            s = _Seq(sid, group, r, env.fork(), rollout_key(self.seed, sample_index, r), ids, pos,
+                     cursor.copy(), [block], traj, self.seq_state)
             group.seqs.append(s)
             self.seqs[sid] = s
             self._slot_of[sid] = s.slot
@@ -628,7 +631,7 @@ class RolloutEngine(EngineStep):
         self.groups[sample_index] = group
 
     def _script_round(self, s: _Seq) -> None:
-        """Test hook: the scripted tokens of the round `s` starts now (-1: sample), read by the step per token."""
+        """Test hook: the scripted tokens of the round `s` starts now (-1: sample), read per token."""
         if self.forced_rounds is None:
             return
         row = self.seq_state.forced[s.slot]

@@ -60,24 +60,26 @@ class EngineStep:
         if not decode_only or not k:
             return rows
         scratch = self._scratch_block
-        pad = lambda a, v: np.concatenate([a, np.full(a.shape[:-1] + (k,), v, dtype=a.dtype)], axis=-1)  # noqa: E731
+        def pad(a, v):
+            return np.concatenate([a, np.full(a.shape[:-1] + (k,), v, dtype=a.dtype)], axis=-1)
         # every padded row writes the scratch block's row 0 and attends to that one row
         return (pad(ids, 0), pad(pos, 0), pad(slots, scratch * self.pool.block_size),
                 np.concatenate([q_starts, np.arange(n, n + k)]), pad(q_lens, 1), pad(ctx, 1), media_rows,
                 (np.concatenate([t_off, t_off[-1] + np.arange(1, k + 1)]), pad(t_ids, scratch)))
 
     def _chunk_rows(self, a):
-        """A step's rows from the scheduler's flat arrays `a` (ScheduleArrays): token ids (L,), positions (3, L),
-        KV slots (L,), per-chunk query starts / lengths / context lengths (C,), media rows (row, n, embeds,
-        first embed row) and the block tables (table_off, table_ids). Decodes (one sampled token each) are
-        gathered from the per-sequence arrays at once; prefill chunks read their sequence's lists."""
+        """A step's rows from the scheduler's flat arrays `a` (ScheduleArrays): token ids (L,), positions
+        (3, L), KV slots (L,), per-chunk query starts / lengths / context lengths (C,), media rows (row, n,
+        embeds, first embed row) and the block tables (table_off, table_ids). Decodes (one sampled token
+        each) are gathered from the per-sequence arrays at once; prefill chunks read their sequence's
+        lists."""
         bs, A = self.pool.block_size, self.seq_state
         q_lens, starts = a.num_tokens, a.starts
         C = len(q_lens)
         q_starts = np.zeros(C, dtype=np.int64)
         np.cumsum(q_lens[:-1], out=q_starts[1:])
         L = int(q_starts[-1] + q_lens[-1])
-        ids, slots, pos = np.empty(L, dtype=np.int64), np.empty(L, dtype=np.int64), np.empty((3, L), dtype=np.int64)
+        ids, slots, pos = (np.empty(shape, dtype=np.int64) for shape in (L, L, (3, L)))
         dec = ~a.is_prefill
         rows, d_start, r = q_starts[dec], starts[dec], self._slot_of[a.seq_ids[dec]]
         ids[rows] = A.last[r]            # the token sampled last step, at the position after the previous one
@@ -161,8 +163,9 @@ class EngineStep:
 
     def _on_tokens(self, who, toks, lps) -> None:
         """Hand the sampled tokens (W,) to their sequences (slots `who`). Most tokens end nothing: they are
-        appended to their slot's round arrays at once and the scheduler learns of them in one call; a token that
-        may end its round (<|im_end|>, a line break, the round's last allowed token) goes through `_on_token`."""
+        appended to their slot's round arrays at once and the scheduler learns of them in one call; a token
+        that may end its round (<|im_end|>, a line break, the round's last allowed token) goes through
+        `_on_token`."""
         A = self.seq_state
         end = self._may_end_of(toks) | (A.rl[who] >= self.max_new_tokens - 1)
         plain = ~end
@@ -178,11 +181,12 @@ class EngineStep:
             self._on_token(self._seq_at[int(who[k])], int(toks[k]), float(lps[k]))
 
     def _may_end_of(self, toks: np.ndarray) -> np.ndarray:
-        """(W,) bool: may each token end its round (<|im_end|>, or its text holds a line break)? One lookup in a
-        vocabulary table (1 / 0, -1: not seen yet) filled as tokens are first seen."""
+        """(W,) bool: may each token end its round (<|im_end|>, or its text holds a line break)? One lookup
+        in a vocabulary table (1 / 0, -1: not seen yet) filled as tokens are first seen."""
         tab, top = self._may_end, int(toks.max(initial=0))
         if tab is None or top >= len(tab):
-            old, tab = tab, np.full(max(top + 1, 2 * len(tab) if tab is not None else 1024), -1, dtype=np.int8)
+            size = max(top + 1, 2 * len(tab) if tab is not None else 1024)
+            old, tab = tab, np.full(size, -1, dtype=np.int8)
             if old is not None:
                 tab[:len(old)] = old
             self._may_end = tab
@@ -217,7 +221,7 @@ class EngineStep:
 
     def _forks(self, a, smp):
         """Who samples this step (host bookkeeping only): the sampling chunks' sequences (slots), then the
-        followers a leader's last prompt logits fork (prefix sharing; only a prefill chunk completes a prompt).
+        followers a leader's last prompt logits fork (prefix sharing; only a prefill completes a prompt).
         Returns (slots (W,), their logit rows (W,), partial-block copies)."""
         who, rows, copies = self._slot_of[a.seq_ids[smp]], np.arange(len(smp)), []
         more, more_rows = [], []
@@ -225,7 +229,8 @@ class EngineStep:
             i = smp[k]
             s = self.seqs[int(a.seq_ids[i])]
             g = s.group
-            if s.rollout_index == 0 and not g.forked and a.starts[i] + a.num_tokens[i] == len(s.tokens) == s.round_start:
+            done = a.starts[i] + a.num_tokens[i] == len(s.tokens) == s.round_start   # the prompt is in the KV
+            if s.rollout_index == 0 and not g.forked and done:
                 g.forked = True
                 for f in self.sched.fork_ready(g.gid):
                     if f.copy_src >= 0:
@@ -266,18 +271,19 @@ class EngineStep:
         return dev
 
     def _step_unfused(self, a) -> None:
-        """The previous step (bench_engine_step.py's baseline): op-by-op forward, per-tensor uploads, per-token
-        hand-off and scripted tokens."""
+        """The previous step (bench_engine_step.py's baseline): op-by-op forward, per-tensor uploads,
+        per-token hand-off and scripted tokens."""
         ids, pos_3L, slots, q_starts, q_lens, ctx, media_rows, tables = self._chunk_rows(a)
         if self.packed is not None and self.packed.fused:
             self.packed = packed_forward.PackedForward(self.model, fused=False)
-        meta = attn.PagedBatch(self.pool, q_starts.tolist(), q_lens.tolist(), ctx.tolist(), backend=self.attn_backend,
-                               csr=tables)
+        meta = attn.PagedBatch(self.pool, q_starts.tolist(), q_lens.tolist(), ctx.tolist(),
+                               backend=self.attn_backend, csr=tables)
         smp = np.flatnonzero(a.samples)
         head = (q_starts[smp] + q_lens[smp] - 1).tolist()
-        logits_NV = self._forward(torch.tensor(ids.tolist(), device=self.device), torch.from_numpy(pos_3L).to(self.device),
-                                  torch.tensor(slots.tolist(), device=self.device), meta, media_rows,
-                                  torch.tensor(head, device=self.device) if head else None)
+        dev = self.device
+        logits_NV = self._forward(torch.tensor(ids.tolist(), device=dev), torch.from_numpy(pos_3L).to(dev),
+                                  torch.tensor(slots.tolist(), device=dev), meta, media_rows,
+                                  torch.tensor(head, device=dev) if head else None)
         for sid, n in zip(a.seq_ids.tolist(), a.num_tokens.tolist()):
             self.sched.update(sid, n)
         slots_W, rows, copies = self._forks(a, smp)
@@ -286,7 +292,9 @@ class EngineStep:
         who = [self._seq_at[r] for r in slots_W.tolist()]
         if not who:
             return
-        logits = logits_NV if len(who) == len(smp) else logits_NV[torch.tensor(rows.tolist(), device=logits_NV.device)]
+        if len(who) != len(smp):
+            logits_NV = logits_NV[torch.tensor(rows.tolist(), device=logits_NV.device)]
+        logits = logits_NV
         u = None
         if not self.params.greedy:
             u = counter_uniforms(np.fromiter((s.key for s in who), dtype=np.uint64, count=len(who)),

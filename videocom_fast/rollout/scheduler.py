@@ -299,7 +299,7 @@ class Scheduler:
             self.update(_py_int(sid), _py_int(n))
 
     def schedule_arrays(self) -> ScheduleArrays:
-        """`schedule()` as flat arrays (the engine's step reads these: no object per chunk on the C++ side)."""
+        """`schedule()` as flat arrays (what the engine's step reads; the C++ twin: no object per chunk)."""
         return ScheduleArrays.of(self.schedule())
 
     def await_observation(self, seq_id: int) -> None:
