@@ -8,9 +8,10 @@ What one `generate(samples)` does (the reference's costs it removes are spec sec
   is prefilled ONCE by the group's leader; the scheduler then forks the other G-1 rollouts from the
   leader's KV blocks (shared by reference count, last partial block copied). Each follower samples its
   first token from the leader's last logits with its own generator.
-- Every engine step: `scheduler.schedule()` picks decodes and prefill chunks under a token and a KV-block
-  budget; all their tokens are concatenated into ONE forward (B = 1) with explicit (3, L) M-RoPE positions
-  from each sequence's `MRopeCursor`: packed_forward.py (the decoder as plain tensor ops over the model's
+- Every engine step: the scheduler picks decodes and prefill chunks under a token and a KV-block budget
+  (`schedule_arrays()`: flat arrays); all their tokens are concatenated into ONE forward (B = 1) with explicit
+  (3, L) M-RoPE positions (a decode's token and position come from the per-sequence arrays, `_SeqState`, a
+  prefill chunk's from its sequence's lists and `MRopeCursor`): packed_forward.py (the decoder as plain tensor ops over the model's
   own weights) when the model allows it, else `modeling.text_forward` (transformers' modules, e.g. with
   PEFT adapters) with the registered paged attention. Either way the step's K/V rows go into the paged
   pool (kv_cache.py) and `attention.attend` reads each sequence's rows through its block table.
