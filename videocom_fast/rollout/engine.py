@@ -13,8 +13,9 @@ What one `generate(samples)` does (the reference's costs it removes are spec sec
   (3, L) M-RoPE positions (a decode's token and position come from the per-sequence arrays, `_SeqState`, a
   prefill chunk's from its sequence's lists and `MRopeCursor`): packed_forward.py (the decoder as plain
   tensor ops over the model's own weights) when the model allows it, else `modeling.text_forward`
-  (transformers' modules, e.g. with PEFT adapters) with the registered paged attention. Either way the step's K/V rows go into the paged
-  pool (kv_cache.py) and `attention.attend` reads each sequence's rows through its block table.
+  (transformers' modules, e.g. with PEFT adapters) with the registered paged attention. Either way the
+  step's K/V rows go into the paged pool (kv_cache.py) and `attention.attend` reads each sequence's rows
+  through its block table.
 - Sampling: `sampling.sample` (C++ top-k/top-p draw) with counter-based uniforms keyed by (seed, sample,
   rollout) and the token's index, so a rollout's draws never depend on who shares its step.
 - A round ends per stopping.py. Then `env.step(text)`, preprocessing (once per group and media key) and
