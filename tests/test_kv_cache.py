@@ -373,3 +373,19 @@ def test_kv_pool_follows_the_budget_read_at_generate_time(tiny32, monkeypatch):
     assert eng.stats["kv_pool_blocks"] == 8 and eng.stats["attention"] == "cpp" * HAS_CPP + "sdpa" * (not HAS_CPP)
     with pytest.raises(ValueError, match="kv_budget_tokens"):
         _engine(tiny32, kv_budget_tokens=15)
+
+
+def test_paged_batch_takes_lists_or_csr_and_names_a_wrong_call():
+    """Block tables as lists become the same CSR arrays the engine passes; both or neither is refused."""
+    pool = PagedKVPool(1, 8, 4, 1, 8)
+    tables = [[3, 1, 7], [6], [5, 0, 2]]
+    meta = PagedBatch(pool, [0, 1, 2], [1, 1, 5], [5, 1, 9], tables, backend="cpp")
+    off, ids = meta.csr
+    assert off.tolist() == [0, 3, 4, 7] and ids.tolist() == [3, 1, 7, 6, 5, 0, 2]
+    assert [meta.table(i).tolist() for i in range(3)] == tables
+    same = PagedBatch(pool, [0, 1, 2], [1, 1, 5], [5, 1, 9], backend="cpp", csr=(off, ids))
+    assert all(np.array_equal(a, b) for a, b in zip(meta.cpp_meta(), same.cpp_meta()))
+    assert same.cpp_meta()[4].tolist() == [3, 1, 6, 5, 0, 2]   # the first ceil(ctx / 4) ids of each table
+    for bad in (dict(block_tables=tables, csr=(off, ids)), dict()):
+        with pytest.raises(ValueError, match="block_tables or as csr"):
+            PagedBatch(pool, [0, 1, 2], [1, 1, 5], [5, 1, 9], backend="cpp", **bad)

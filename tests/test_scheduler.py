@@ -544,3 +544,16 @@ def test_random_configs_twins_identical_and_everything_finishes():
                               block_size=r.choice([1, 2, 3, 4, 16]), num_blocks=r.randint(1, 150),
                               max_prefill_chunk=r.randint(1, 100))
         simulate(impls, base + k, cfg, num_groups=r.randint(1, 12), max_steps=20000)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_flat_calls_name_a_length_mismatch(impl):
+    s = create_scheduler(impl)
+    a = create_group(s, 0, 10, 1)[0]
+    out = s.schedule_arrays()
+    with pytest.raises(ValueError, match="update_many"):
+        s.update_many(out.seq_ids, np.array([], dtype=np.int64))
+    with pytest.raises(ValueError, match="append_one_each"):
+        s.append_one_each(np.zeros((1, 1), dtype=np.int64))
+    s.update_many(out.seq_ids, out.num_tokens)
+    assert s.num_computed_tokens(a) == 10

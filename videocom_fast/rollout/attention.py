@@ -71,7 +71,7 @@ class PagedBatch:
     """Per-step attention metadata (built once per step, read by every layer). Per chunk (lists or int64 numpy
     arrays): query start, length and context length; its block table from `block_tables` (a list per chunk) or
     `csr` = (table_off (C + 1,), table_ids): chunk i's table is table_ids[table_off[i]:table_off[i + 1]] (the
-    engine step passes the scheduler's flat arrays so)."""
+    engine step passes the scheduler's flat arrays so). Lists are turned into `csr`, which is what is read."""
     pool: object                      # kv_cache.PagedKVPool
     q_starts: list[int]               # offset of each chunk in the packed query
     q_lens: list[int]
@@ -85,6 +85,11 @@ class PagedBatch:
     def __post_init__(self):
         if (self.block_tables is None) == (self.csr is None):
             raise ValueError("PagedBatch: give the block tables as block_tables or as csr (exactly one)")
+        if self.csr is None:
+            off = np.zeros(len(self.block_tables) + 1, dtype=np.int64)
+            np.cumsum([len(t) for t in self.block_tables], out=off[1:])
+            ids = np.fromiter(chain.from_iterable(self.block_tables), dtype=np.int64, count=int(off[-1]))
+            self.csr = (off, ids)
         q = np.asarray(self.q_lens)
         short = q <= CPP_MAX_QUERY_ROWS if self.backend == "cpp" else np.zeros(len(q), dtype=bool)
         self.cpp_chunks = np.flatnonzero(short).tolist()
@@ -93,9 +98,7 @@ class PagedBatch:
         self.prefill_chunks = np.flatnonzero((q != 1) & ~short).tolist()
 
     def table(self, i: int):
-        """Chunk i's block table (a list, or a numpy view of the csr ids)."""
-        if self.csr is None:
-            return self.block_tables[i]
+        """Chunk i's block table (a numpy view of the csr ids)."""
         off, ids = self.csr
         return ids[off[i]:off[i + 1]]
 
@@ -201,12 +204,8 @@ class PagedBatch:
             nb = (ctx + bs - 1) // bs
             off = np.zeros(len(nb), dtype=np.int64)
             np.cumsum(nb[:-1], out=off[1:])
-            if self.csr is not None:   # the first nb[i] ids of each chunk's table, in one gather
-                src = self.csr[0][:-1] if every else self.csr[0][idx]
-                tables = self.csr[1][np.arange(int(nb.sum())) + np.repeat(src - off, nb)].astype(np.int32)
-            else:
-                blocks = chain.from_iterable(self.block_tables[i][:k] for i, k in zip(idx, nb.tolist()))
-                tables = np.fromiter(blocks, dtype=np.int32, count=int(nb.sum()))
+            src = self.csr[0][:-1] if every else self.csr[0][idx]   # the first nb[i] ids of each table
+            tables = self.csr[1][np.arange(int(nb.sum())) + np.repeat(src - off, nb)].astype(np.int32)
             self._cache["cpp"] = (pick(self.q_starts), pick(self.q_lens), ctx, off, tables)
         return self._cache["cpp"]
 

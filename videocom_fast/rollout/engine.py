@@ -146,7 +146,7 @@ class _SeqState:
 class _Seq:
     def __init__(self, sid, group, rollout_index, env, key, prompt_ids, prompt_pos, cursor, blocks, traj,
                  state: _SeqState):
-        self.sid, self.group, self.rollout_index, self.env, self.key = sid, group, rollout_index, env, key
+        self.sid, self.group, self.rollout_index, self.env = sid, group, rollout_index, env
         self.A, self.slot = state, state.alloc()
         A, r = state, self.slot
         A.sid[r], A.pend[r], A.rl[r], A.known[r] = sid, 0, 0, len(prompt_ids)

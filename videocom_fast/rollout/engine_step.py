@@ -292,12 +292,10 @@ class EngineStep:
         who = [self._seq_at[r] for r in slots_W.tolist()]
         if not who:
             return
-        if len(who) != len(smp):
-            logits_NV = logits_NV[torch.tensor(rows.tolist(), device=logits_NV.device)]
-        logits = logits_NV
+        logits = logits_NV if len(who) == len(smp) else logits_NV[torch.tensor(rows.tolist(), device=dev)]
         u = None
         if not self.params.greedy:
-            u = counter_uniforms(np.fromiter((s.key for s in who), dtype=np.uint64, count=len(who)),
+            u = counter_uniforms(np.fromiter((s.A.key[s.slot] for s in who), dtype=np.uint64, count=len(who)),
                                  np.fromiter((len(s.tokens) for s in who), dtype=np.uint64, count=len(who)))
         tokens, lps = sample(logits, self.params, suppress_ids=self.suppress_ids, uniforms=u)
         tokens, lps = tokens.tolist(), lps.tolist()

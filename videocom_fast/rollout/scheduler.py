@@ -288,6 +288,8 @@ class Scheduler:
 
     def append_one_each(self, seq_ids) -> None:
         """`append_tokens(seq_id, 1)` for each id (one call for a step's sampled tokens)."""
+        if np.ndim(seq_ids) != 1:
+            raise ValueError(f"append_one_each: seq_ids must be 1-d, got shape {np.shape(seq_ids)}")
         for sid in seq_ids:
             self.append_tokens(_py_int(sid), 1)
 
