@@ -6,6 +6,8 @@
 Cases (issue 4): (a) a 32-frame 640x360 video -> 16 x 20 x 36 grid, against Qwen2VLVideoProcessor (torchvision,
 the fast one); (b) 8 crops of assorted sizes from 1280x720 frames, against Qwen2VLImageProcessor (torchvision,
 fast) and Qwen2VLImageProcessorPil (PIL, slow, the exactness oracle); (b) also into a reused out= buffer.
+(a) and (b) also with the kernel's hand-written SIMD loops off (`set_cpu_simd(False)`: the compiler-vectorised
+portable loops, the same build): what the hand loops of this CPU's ISA (AVX-512 VBMI, AVX-512 or AVX2) bring.
 Also the machine's memcpy bandwidth, and the fused kernel's achieved GB/s (uint8 bytes read + output bytes
 written) as a fraction of it. Every fused output is checked equal to the processor's before timing. Baselines
 come from tests/test_preprocess.py.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from test_preprocess import (IMG_PIXELS, VID_PIXELS, Qwen2VLImageProcessor, Qwen
                              Qwen2VLVideoProcessor, crop, oracle_images, oracle_video)
 
 import videocom_fast  # noqa: E402
+from videocom_fast import _C  # noqa: E402
 from videocom_fast import preprocess as P  # noqa: E402
 
 _TIMES: dict[tuple[str, int], float] = {}
@@ -91,6 +95,23 @@ def test_video_processor_fast(benchmark, video, threads):
     _median(benchmark, "video_fast", threads)
 
 
+@contextmanager
+def _portable_loops():
+    """The kernel with its hand-written SIMD loops off (the compiler-vectorised portable loops): the baseline
+    of the SIMD rows, same build, same run."""
+    previous = _C.set_cpu_simd(False)
+    try:
+        yield
+    finally:
+        _C.set_cpu_simd(previous)
+
+
+def test_video_fused_cpp_portable(benchmark, video, threads):
+    with P.force_backend("cpp"), _portable_loops():
+        benchmark.pedantic(lambda: videocom_fast.preprocess_video(video), **ROUNDS)
+    _median(benchmark, "video_portable", threads)
+
+
 # --- (b) 8 crops from 1280x720 frames ------------------------------------------------------------------------------
 def test_crops_fused_cpp(benchmark, crops, threads):
     frames, boxes = crops
@@ -113,6 +134,13 @@ def test_crops_fused_cpp_out(benchmark, crops, threads):
     _BYTES["crops_fused_out"] = _BYTES.get("crops_fused", 0)
 
 
+def test_crops_fused_cpp_portable(benchmark, crops, threads):
+    frames, boxes = crops
+    with P.force_backend("cpp"), _portable_loops():
+        benchmark.pedantic(lambda: videocom_fast.preprocess_images(frames, boxes=boxes), **ROUNDS)
+    _median(benchmark, "crops_portable", threads)
+
+
 def test_crops_processor_fast(benchmark, crops, threads):
     frames, boxes = crops
     proc = Qwen2VLImageProcessor(**IMG_PIXELS)
@@ -132,18 +160,21 @@ def test_crops_processor_slow_pil(benchmark, crops, threads):
 # --- the table ------------------------------------------------------------------------------------------------------
 def test_zz_report(benchmark):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    names = ("video_fused", "video_fast", "crops_fused", "crops_fused_out", "crops_fast", "crops_slow")
+    names = ("video_fused", "video_fast", "video_portable", "crops_fused", "crops_fused_out", "crops_fast",
+             "crops_slow", "crops_portable")
     if ("memcpy", 0) not in _TIMES or not all((k, n) in _TIMES for k in names for n in THREADS):
         pytest.skip("run the whole file to get the table")
     bw = _BYTES["memcpy"] / _TIMES["memcpy", 0] / 1e9
     lines = [f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, memcpy {bw:.1f} GB/s "
-             "(read + write)",
+             f"(read + write), kernel SIMD loops: {_C.cpu_simd_isa()}",
              f"{'case':<34}{'thr':>4}{'fused ms':>10}{'baseline ms':>13}{'speedup':>9}{'fused GB/s':>12}{'% memcpy':>10}"]
     for n in THREADS:
         for case, fused, base in [("(a) video 32x640x360 vs fast", "video_fused", "video_fast"),
                                   ("(b) 8 crops 1280x720 vs fast", "crops_fused", "crops_fast"),
                                   ("(b) 8 crops 1280x720 vs slow PIL", "crops_fused", "crops_slow"),
-                                  ("(b) same, out= reused vs slow PIL", "crops_fused_out", "crops_slow")]:
+                                  ("(b) same, out= reused vs slow PIL", "crops_fused_out", "crops_slow"),
+                                  ("(a) video, SIMD vs portable loops", "video_fused", "video_portable"),
+                                  ("(b) crops, SIMD vs portable loops", "crops_fused", "crops_portable")]:
             gbs = _BYTES[fused] / _TIMES[fused, n] / 1e9
             lines.append(f"{case:<34}{n:>4}{_TIMES[fused, n] * 1e3:>10.1f}{_TIMES[base, n] * 1e3:>13.1f}"
                          f"{_TIMES[base, n] / _TIMES[fused, n]:>8.1f}x{gbs:>12.2f}{100 * gbs / bw:>9.0f}%")

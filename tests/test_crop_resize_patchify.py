@@ -85,8 +85,8 @@ def test_cpp_resize_equals_library(mode):
 
 @pytest.mark.parametrize("mode", ["pil", "torch"])
 def test_cpp_resize_portable_and_simd_loops_equal_library(mode):
-    """The hand-written AVX-512 loop (when this CPU has it) and the portable loop both equal the library, on
-    sizes that leave partial 16-row blocks and 16-byte tiles (and 1-pixel sides)."""
+    """The hand-written AVX-512 or AVX2 loops (whichever this CPU has) and the portable loop all equal the
+    library, on sizes that leave partial 16-row blocks and 16-byte tiles (and 1-pixel sides)."""
     rng = np.random.default_rng()
     cases = [(1, 1, 28, 28), (17, 5, 28, 56), (33, 341, 56, 84)] + random_cases(rng, 6)
     previous = _C.set_cpu_simd(True)
@@ -98,6 +98,31 @@ def test_cpp_resize_portable_and_simd_loops_equal_library(mode):
                 _C.set_cpu_simd(simd)
                 np.testing.assert_array_equal(_C.resize_uint8(image, out_h, out_w, MODES[mode]), want,
                                               err_msg=f"{_C.cpu_simd_isa()} {mode} {in_h}x{in_w}->{out_h}x{out_w}")
+    finally:
+        _C.set_cpu_simd(previous)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def test_cpu_simd_isa_is_the_widest_this_cpu_has():
+    """The SIMD tests above check the hand loops only if the kernel picks them: AVX-512 where the CPU has
+    AVX-512BW, AVX2 where it has AVX2 alone (AMD Zen 1-3), the portable loops when told to."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    previous = _C.set_cpu_simd(True)
+    try:
+        want = ("avx512_vbmi" if "avx512vbmi" in flags and "avx512vl" in flags else "avx512") \
+            if {"avx512f", "avx512bw"} <= flags else "avx2" if "avx2" in flags else "portable"
+        assert _C.cpu_simd_isa() == want, sorted(f for f in flags if f.startswith("avx"))
+        _C.set_cpu_simd(False)
+        assert _C.cpu_simd_isa() == "portable"
     finally:
         _C.set_cpu_simd(previous)
 
@@ -183,13 +208,14 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["pil", "torch"])
 def test_cpp_kernel_simd_paths_equal_portable_and_reference(dtype, mode):
-    """The hand-written loops (computed normalisation store, permute-based horizontal pass, register-blocked
-    vertical pass; PIL's 22-bit weights split in two) equal the portable loops with table lookups and the PyTorch
-    reference, bit for bit, with one thread (whole-slice video tasks) and two."""
+    """The hand-written loops (AVX-512 VBMI: computed normalisation store, permute-based horizontal pass,
+    register-blocked vertical pass; AVX2: both passes with taps in pairs through 16-bit multiply-adds; PIL's
+    22-bit weights split in two) equal the portable loops with table lookups and the PyTorch reference, bit
+    for bit, with one thread (whole-slice video tasks) and two."""
     g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
     all_items = _simd_items(g, MODES[mode])
     lut, norm = P.normalize_lut(MODES[mode], dtype), P.normalize_formula(MODES[mode])
-    if _C.cpu_simd_isa() == "avx512_vbmi":  # else this test checks the portable loops twice
+    if _C.cpu_simd_isa() == "avx512_vbmi":  # else the store is the table's (AVX2: only the passes differ)
         assert _C.cpu_store_kind(_bits(lut), norm) == {torch.float32: "f32", torch.bfloat16: "bf16",
                                                       torch.float16: "f16"}[dtype]
     previous, threads = _C.set_cpu_simd(True), torch.get_num_threads()

@@ -115,10 +115,10 @@ def cpu_store_kind(lut: np.ndarray, norm: tuple[int, float, list[float], list[fl
     """'f32' | 'bf16' | 'f16' (computed store) or 'table' (lookups): what the kernel will use for this lut."""
 def resize_uint8(image: np.ndarray, out_h: int, out_w: int, mode: int) -> np.ndarray: ...
 def set_cpu_simd(enabled: bool) -> bool:
-    """Hand-written AVX-512 loops (True, default, when the CPU has AVX-512BW) or the portable ones; returns the
-    previous setting. Outputs are identical either way."""
+    """Hand-written SIMD loops (True, default: AVX-512 when the CPU has AVX-512BW, else AVX2 when it has it) or
+    the portable ones; returns the previous setting. Outputs are identical either way."""
 def cpu_simd_isa() -> str:
-    """'avx512_vbmi', 'avx512' or 'portable': the loops the next CPU kernel call runs."""
+    """'avx512_vbmi', 'avx512', 'avx2' or 'portable': the loops the next CPU kernel call runs."""
 def resample_axis(mode: int, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(first, size, weights (out, taps) int32, precision) of one axis."""
 def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray, out: np.ndarray, q_start: np.ndarray,

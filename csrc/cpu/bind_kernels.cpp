@@ -176,10 +176,10 @@ void register_kernels(py::module_& m) {
   m.def("resize_uint8", &resize_uint8, py::arg("image"), py::arg("out_h"), py::arg("out_w"), py::arg("mode"),
         "Resize one uint8 (H, W, 3) image with PIL (mode 0) or ATen antialiased (mode 1) bicubic arithmetic.");
   m.def("set_cpu_simd", &vcf::set_cpu_simd, py::arg("enabled"),
-        "Use the hand-written AVX-512 loops when the CPU has them (True, default) or the portable ones; returns "
-        "the previous setting.");
+        "Use the hand-written SIMD loops (AVX-512, else AVX2) when the CPU has them (True, default) or the portable "
+        "ones; returns the previous setting.");
   m.def("cpu_simd_isa", []() { return std::string(vcf::cpu_simd_isa()); },
-        "'avx512' or 'portable': the CPU kernel's loops the next call runs.");
+        "'avx512_vbmi', 'avx512', 'avx2' or 'portable': the CPU kernel's loops the next call runs.");
   m.def("cpu_store_kind", &cpu_store_kind, py::arg("lut"), py::arg("norm") = py::none(),
         "'f32' / 'bf16' / 'f16' when the CPU kernel computes values with the SIMD store for this table and formula, "
         "'table' when it looks them up.");
