@@ -199,3 +199,34 @@ def test_load_samples_accepts_the_files(data):
     for kind, key in (("sft", "sft"), ("grpo", "grpo"), ("grpo", "eval")):
         samples = schema.load_samples(paths[key], kind=kind)
         assert samples and all(os.path.isabs(s["video"]) and os.path.exists(s["video"]) for s in samples)
+
+
+def _texture_reference(rng, h, w):
+    """The texture as first written (planar interpolation, torch's normal(0, 3) sum, clamp and cast): the
+    rendered training streams' pixels (and so the demo's results) depend on these bytes."""
+    import torch
+
+    coarse = torch.from_numpy(rng.uniform(40, 200, size=(1, 3, h // 24 + 2, w // 24 + 2)).astype(np.float32))
+    up = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+    grain = torch.from_numpy(rng.normal(0, 3, size=(h, w, 1)).astype(np.float32))
+    return (up.permute(1, 2, 0).contiguous() + grain).clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def test_texture_keeps_its_bytes():
+    from videocom_fast.data.synth import _smooth_texture
+
+    seeds = np.random.default_rng().integers(0, 2**31, 24)
+    for k, seed in enumerate(seeds):
+        h, w = [(240, 368), (192, 320), (31, 77), (401, 653)][k % 4]
+        got = _smooth_texture(np.random.default_rng(seed), h, w)
+        assert got.shape == (h, w, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, _texture_reference(np.random.default_rng(seed), h, w),
+                                      err_msg=f"seed {seed} {h}x{w}")
+
+
+def test_tag_patch_is_cached_and_read_only():
+    from videocom_fast.data.synth import tag_patch
+
+    a, b = tag_patch("O", np.array([200, 40, 40]), 37), tag_patch("O", (200, 40, 40), 37)
+    assert a is b and a.shape == (37, 37, 3) and not a.flags.writeable
+    assert not np.array_equal(a, tag_patch("X", (200, 40, 40), 37))
