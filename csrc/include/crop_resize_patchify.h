@@ -189,10 +189,11 @@ struct NormFormula {
 void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* lut, void* out, int elem_size,
                               const NormFormula* formula = nullptr);
 
-// Hand-written AVX-512 loops on (default, when the CPU has AVX-512BW; the formula store also needs VBMI) or off (the portable loops, which the
-// compiler vectorises for AVX2 / baseline): returns the previous setting. Tests run both; outputs are equal.
+// Hand-written SIMD loops on (default: AVX-512 when the CPU has AVX-512BW, else AVX2; the computed store needs
+// VBMI) or off (the portable loops, which the compiler vectorises): returns the previous setting. Tests run
+// both; outputs are equal.
 bool set_cpu_simd(bool enabled);
-const char* cpu_simd_isa();  // "avx512_vbmi", "avx512" or "portable": what the next call will run
+const char* cpu_simd_isa();  // "avx512_vbmi", "avx512", "avx2" or "portable": what the next call will run
 // How the next call would store values for this table and formula: "f32" / "bf16" / "f16" (computed, SIMD) or
 // "table" (looked up: no formula, no VBMI, SIMD off, or the formula does not reproduce the table).
 const char* cpu_store_kind(const void* lut, int elem_size, const NormFormula* formula);

@@ -119,8 +119,8 @@ def _smooth_texture(rng, h, w) -> np.ndarray:
     # NOTE: channels-last in and out: the interpolation's (h, w, 3) result is C order with no permuting copy
     # (a channel-strided texture made every frame's background copy ~60x slower), and torch's channels-last
     # kernel takes half the time of the planar one for the same values. The grain is normal(0, 3)'s draws
-    # (0 + 3 * z), the sum, clamp and truncating cast run in place in numpy: the previous torch version's bytes
-    # (tests/test_synth.py), 4.3 -> 2.8 ms for a 240 x 368 texture
+    # (0 + 3 * z); the sum, clamp and truncating cast run in place in numpy: the previous torch version's
+    # bytes (tests/test_synth.py), 4.3 -> 2.8 ms for a 240 x 368 texture
     up = torch.nn.functional.interpolate(coarse.contiguous(memory_format=torch.channels_last), size=(h, w),
                                          mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
     out = up.numpy()
