@@ -46,8 +46,9 @@ def build_info() -> dict:
         info["cpp_core"] = True
         info["cuda_ops"] = bool(getattr(_C, "with_cuda", False))
         info["openmp"] = bool(getattr(_C, "with_openmp", False))
+        info["cpu_simd"] = _C.cpu_simd_isa()   # hand loops: avx512_vbmi | avx512 | avx2 | portable
     except ImportError:
-        info.update(cpp_core=False, cuda_ops=False, openmp=False)
+        info.update(cpp_core=False, cuda_ops=False, openmp=False, cpu_simd=None)
     try:
         import torch
         info["torch"] = torch.__version__
