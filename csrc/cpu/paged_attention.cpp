@@ -532,7 +532,22 @@ __attribute__((always_inline)) inline void pv_tile(const T* __restrict p, int ps
   }
 }
 
-// The remainder of the query vectors (nq % kMR) runs a narrower tile of the same code.
+// Query vectors per register tile: as many as keep a tile's accumulators (MR x NV vectors), one K or V row
+// (NV) and a broadcast in the vector registers: 32 in the AVX-512 copy, which takes kMR; 16 in the AVX2 and
+// SSE ones, where 8 rows of a 16-key block (2 ymm each) spilled: 6 there. Measured on a 2-core AMD EPYC with
+// AVX2 (1 thread, bench_attention's mixed step, A/B builds, 3 alternating runs): 7B heads 1.09-1.16 s ->
+// 0.89-0.97 s (1.2x); the tiny heads unchanged (their step is the softmax pass). No sum changes: bit-equal.
+template <typename T, int kBS>
+constexpr int tile_rows() {
+  if constexpr (VCF_PA_VEC_BYTES >= 64) {
+    return kMR;
+  } else {
+    constexpr int nv = kBS > 0 && kBS % kW<T> == 0 ? kBS / kW<T> : 2;
+    return std::max(1, std::min(kMR, (16 - nv - 1) / nv));
+  }
+}
+
+// The remainder of the query vectors (nq % tile_rows) runs a narrower tile of the same code.
 template <typename T, int kD, int kBS>
 inline void qk_rows(int mr, const T* q, const T* kt, T* s, int sst, int D, int BS) {
   switch (mr) {
@@ -566,6 +581,7 @@ template <typename T, int kD, int kBS>
 __attribute__((always_inline)) inline void run_item_impl(const PagedAttentionArgs& a, const Item& it, const T* q,
                                                           const T* kp, const T* vp, T* out, std::vector<T>& buf) {
   const int D = kD > 0 ? kD : a.head_dim, BS = kBS > 0 ? kBS : a.block_size;
+  constexpr int kRowsT = tile_rows<T, kBS>();
   const int Hq = a.num_q_heads, Hkv = a.num_kv_heads, g = Hq / Hkv;
   const int64_t n = a.q_len[it.chunk], first_key = a.ctx_len[it.chunk] - n;
   const int rows = (int)std::min<int64_t>(kTileRows, n - it.row0);
@@ -605,8 +621,8 @@ __attribute__((always_inline)) inline void run_item_impl(const PagedAttentionArg
             for (size_t o = 0; o < sizeof(T) * D; o += 64) __builtin_prefetch(vpf + j * v_row * sizeof(T) + o);
         }
         const T* kt = kp + (int64_t)table[b] * k_block + (int64_t)h * D * BS;
-        for (int qi = 0; qi < nq; qi += kMR)
-          qk_rows<T, kD, kBS>(std::min(kMR, nq - qi), qv + qi * D, kt, sc + qi * seg_cap + (b - b0) * BS, seg_cap,
+        for (int qi = 0; qi < nq; qi += kRowsT)
+          qk_rows<T, kD, kBS>(std::min(kRowsT, nq - qi), qv + qi * D, kt, sc + qi * seg_cap + (b - b0) * BS, seg_cap,
                               D, BS);
       }
       for (int qi = 0; qi < nq; ++qi) {                 // pass 2: online softmax update
@@ -638,8 +654,8 @@ __attribute__((always_inline)) inline void run_item_impl(const PagedAttentionArg
       for (int64_t b = b0; b < b0 + nb; ++b) {          // pass 3: probabilities x V
         const T* vb = vp + (int64_t)table[b] * k_block + (int64_t)h * D;
         const int cnt = (int)std::min<int64_t>(BS, keys - b * BS);   // rows past the tile's keys: not read
-        for (int qi = 0; qi < nq; qi += kMR)
-          pv_rows<T, kD>(std::min(kMR, nq - qi), sc + qi * seg_cap + (b - b0) * BS, seg_cap, vb, v_row,
+        for (int qi = 0; qi < nq; qi += kRowsT)
+          pv_rows<T, kD>(std::min(kRowsT, nq - qi), sc + qi * seg_cap + (b - b0) * BS, seg_cap, vb, v_row,
                          acc + qi * D, cnt, D);
       }
     }
