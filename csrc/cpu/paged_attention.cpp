@@ -461,6 +461,32 @@ __attribute__((always_inline)) inline Vec<T> ld(const T* p) {
 template <typename T>
 __attribute__((always_inline)) inline void st(T* p, const Vec<T>& x) { std::memcpy(p, &x, sizeof(x)); }
 
+// s[j] = exp(s[j] - m) for j < n (scores <= m), returning their sum: exp_neg.h's polynomial on whole vectors.
+// The plain loop under `omp simd` stayed scalar in some copies (GCC turned the clamp into a branch: "control
+// flow in loop"), which made the softmax pass most of a tiny-head prefill tile on AVX2.
+template <typename T>
+__attribute__((always_inline)) inline T exp_row(T* __restrict s, int n, T m) {
+  T total = 0;
+  int j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    typedef int32_t VecI __attribute__((vector_size(VCF_PA_VEC_BYTES)));
+    constexpr int W = kW<float>;
+    VecF sum{};
+    for (; j + W <= n; j += W) {
+      VecF x = ld<float>(s + j) - m;
+      const VecF e = exp_poly<VecF, VecI>(x < -87.0f ? VecF{} - 87.0f : x);
+      st<float>(s + j, e);
+      sum += e;
+    }
+    for (int u = 0; u < W; ++u) total += sum[u];
+  }
+  for (; j < n; ++j) {
+    s[j] = exp_neg(s[j] - m);
+    total += s[j];
+  }
+  return total;
+}
+
 // s[r * sst + j] = sum_d q[r * D + d] * kt[d * BS + j] for r < MR, j < BS
 template <typename T, int MR, int kD, int kBS>
 __attribute__((always_inline)) inline void qk_tile(const T* __restrict q, const T* __restrict kt, T* __restrict s,
@@ -641,14 +667,7 @@ __attribute__((always_inline)) inline void run_item_impl(const PagedAttentionArg
           for (int d = 0; d < D; ++d) acc[qi * D + d] *= alpha;
           mx[qi] = m;
         }
-        m = mx[qi];
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int j = 0; j < nv; ++j) {
-          srow[j] = exp_neg(srow[j] - m);
-          s += srow[j];
-        }
-        sum[qi] += s;
+        sum[qi] += exp_row(srow, nv, mx[qi]);
         std::fill(srow + nv, srow + seg_len, T(0));
       }
       for (int64_t b = b0; b < b0 + nb; ++b) {          // pass 3: probabilities x V
