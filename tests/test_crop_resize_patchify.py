@@ -107,7 +107,8 @@ def _cpu_flags() -> set[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    flags = next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "")
+    return set(flags.split())
 
 
 def test_cpu_simd_isa_is_the_widest_this_cpu_has():
@@ -120,7 +121,9 @@ def test_cpu_simd_isa_is_the_widest_this_cpu_has():
     try:
         want = ("avx512_vbmi" if "avx512vbmi" in flags and "avx512vl" in flags else "avx512") \
             if {"avx512f", "avx512bw"} <= flags else "avx2" if "avx2" in flags else "portable"
-        assert _C.cpu_simd_isa() == want, sorted(f for f in flags if f.startswith("avx"))
+        cap = _C.cpu_isa()   # VIDEOCOM_CPU_ISA caps the loops too (test_fused_step.py runs this file per cap)
+        want = "portable" if cap == "baseline" else "avx2" if cap == "avx2" and want != "portable" else want
+        assert _C.cpu_simd_isa() == want, (cap, sorted(f for f in flags if f.startswith("avx")))
         _C.set_cpu_simd(False)
         assert _C.cpu_simd_isa() == "portable"
     finally:

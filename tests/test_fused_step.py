@@ -72,7 +72,8 @@ def test_every_instruction_set_copy_against_its_reference(isa):
     # The kernels pick their copy once per process (VIDEOCOM_CPU_ISA caps it), so each copy runs the kernel
     # tests in its own process: on an AVX-512 machine this is what runs the AVX2 and baseline copies at all.
     # SiLU*mul: this file's 2x-error test; paged attention tiles: test_kv_cache.py's C++ cases (causal attention
-    # reference, long prefills with decodes, shared blocks).
+    # reference, long prefills with decodes, shared blocks); the preprocessing kernel's hand loops (capped the
+    # same way): test_crop_resize_patchify.py's SIMD tests.
     if isa not in _C.cpu_isas():
         pytest.skip(f"this CPU cannot run {isa} (it has {_C.cpu_isas()})")
     env = dict(os.environ, VIDEOCOM_CPU_ISA=isa)
@@ -84,6 +85,10 @@ def test_every_instruction_set_copy_against_its_reference(isa):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k",
                         "silu_mul_within or cpp or long_prefill or shared"], capture_output=True, text=True,
                        timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(ROOT / "tests" / "test_crop_resize_patchify.py"), "-k", "simd"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 

@@ -39,16 +39,18 @@ def _importable(mod: str) -> bool:
 
 
 def build_info() -> dict:
-    """What this installation can use: C++ core, CUDA ops, Triton, DALI, flash-attn, decoders."""
+    """What this installation can use: C++ core (with the CPU kernels' instruction sets), CUDA ops, Triton,
+    DALI, flash-attn, decoders."""
     info: dict = {"version": __version__}
     try:
         from . import _C
         info["cpp_core"] = True
         info["cuda_ops"] = bool(getattr(_C, "with_cuda", False))
         info["openmp"] = bool(getattr(_C, "with_openmp", False))
-        info["cpu_simd"] = _C.cpu_simd_isa()   # hand loops: avx512_vbmi | avx512 | avx2 | portable
+        info["cpu_isa"] = _C.cpu_isa()         # per-ISA kernel copies run: avx512 | avx2 | baseline
+        info["cpu_simd"] = _C.cpu_simd_isa()   # preprocessing loops: avx512_vbmi | avx512 | avx2 | portable
     except ImportError:
-        info.update(cpp_core=False, cuda_ops=False, openmp=False, cpu_simd=None)
+        info.update(cpp_core=False, cuda_ops=False, openmp=False, cpu_isa=None, cpu_simd=None)
     try:
         import torch
         info["torch"] = torch.__version__

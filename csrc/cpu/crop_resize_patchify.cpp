@@ -60,6 +60,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu_isa.h"
 #include "crop_resize_patchify.h"
 #include "crop_resize_patchify_pool.h"
 #include "crop_resize_patchify_store.h"
@@ -109,12 +110,15 @@ AxisPlan make_axis_plan(int mode, int in, int out) {
 // back the same way. Integer arithmetic, same sums in any order (no overflow: sum |w| * 255 < 2^31): bit-identical.
 constexpr int kRows = 16;
 
-// Runtime ISA choice for the hand-written AVX-512 loop; set_cpu_simd(false) forces the portable loop (tests).
+// Runtime ISA choice for the hand-written loops (AVX-512 VBMI, AVX-512, AVX2), capped by VIDEOCOM_CPU_ISA as
+// the kernels with per-ISA copies are (cpu_isa.h: tests run the AVX2 loops on AVX-512 machines that way);
+// set_cpu_simd(false) forces the portable loops (tests).
 static std::atomic<bool> g_simd{true};
 
 static bool have_avx512() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         vcf::cpu_isa() == vcf::Isa::avx512;
   return ok;
 #else
   return false;
@@ -135,12 +139,16 @@ static bool have_avx512_vbmi() {
 // AVX2 without AVX-512 (AMD Zen 1-3, older Intel): 16-bit multiply-add loops for both passes.
 static bool have_avx2() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  static const bool ok = __builtin_cpu_supports("avx2");
+  static const bool ok = __builtin_cpu_supports("avx2") && vcf::cpu_isa() >= vcf::Isa::avx2;
   return ok;
 #else
   return false;
 #endif
 }
+
+// The choice is made once, on the caller's thread at the entry points (a bad VIDEOCOM_CPU_ISA is a ValueError
+// there, never an exception inside a helper thread).
+static void resolve_isa() { (void)have_avx512_vbmi(), (void)have_avx2(); }
 
 const char* cpu_simd_isa() {
   if (!g_simd) return "portable";
@@ -819,6 +827,7 @@ static void advise_huge_pages(void* p, size_t bytes) {
 
 void crop_resize_patchify_cpu(const std::vector<MediaItem>& items, const void* lut, void* out, int elem_size,
                               const NormFormula* formula) {
+  resolve_isa();
   int64_t rows = 0;
   for (const MediaItem& it : items) rows += item_rows(it);
   advise_huge_pages(out, (size_t)rows * kPatchDim * elem_size);
@@ -836,6 +845,7 @@ const char* cpu_store_kind(const void* lut, int elem_size, const NormFormula* fo
 
 void resize_uint8_cpu(const uint8_t* src, int64_t row_stride, int in_h, int in_w, int out_h, int out_w,
                       int mode, uint8_t* dst) {
+  resolve_isa();
   MediaItem it;
   it.src = src;
   it.row_stride = row_stride;

@@ -461,9 +461,8 @@ __attribute__((always_inline)) inline Vec<T> ld(const T* p) {
 template <typename T>
 __attribute__((always_inline)) inline void st(T* p, const Vec<T>& x) { std::memcpy(p, &x, sizeof(x)); }
 
-// s[j] = exp(s[j] - m) for j < n (scores <= m), returning their sum: exp_neg.h's polynomial on whole vectors.
-// The plain loop under `omp simd` stayed scalar in some copies (GCC turned the clamp into a branch: "control
-// flow in loop"), which made the softmax pass most of a tiny-head prefill tile on AVX2.
+// s[j] = exp(s[j] - m) for j < n (scores <= m), returning their sum: exp_neg.h's polynomial on whole vectors
+// (the plain loop stayed scalar in the AVX2 copy and made the softmax pass most of a tiny-head prefill tile).
 template <typename T>
 __attribute__((always_inline)) inline T exp_row(T* __restrict s, int n, T m) {
   T total = 0;
@@ -473,8 +472,7 @@ __attribute__((always_inline)) inline T exp_row(T* __restrict s, int n, T m) {
     constexpr int W = kW<float>;
     VecF sum{};
     for (; j + W <= n; j += W) {
-      VecF x = ld<float>(s + j) - m;
-      const VecF e = exp_poly<VecF, VecI>(x < -87.0f ? VecF{} - 87.0f : x);
+      const VecF e = exp_neg_v<VecF, VecI>(ld<float>(s + j) - m);
       st<float>(s + j, e);
       sum += e;
     }
@@ -558,18 +556,19 @@ __attribute__((always_inline)) inline void pv_tile(const T* __restrict p, int ps
   }
 }
 
-// Query vectors per register tile: as many as keep a tile's accumulators (MR x NV vectors), one K or V row
-// (NV) and a broadcast in the vector registers: 32 in the AVX-512 copy, which takes kMR; 16 in the AVX2 and
-// SSE ones, where 8 rows of a 16-key block (2 ymm each) spilled: 6 there. Measured on a 2-core AMD EPYC with
-// AVX2 (1 thread, bench_attention's mixed step, A/B builds, 3 alternating runs): 7B heads 1.09-1.16 s ->
-// 0.89-0.97 s (1.2x); the tiny heads unchanged (their step is the softmax pass). No sum changes: bit-equal.
+// Query vectors per register tile. The AVX2 copy's float32 tiles take as many as keep the QK tile's
+// accumulators (MR x NV vectors), one K row (NV) and a broadcast in the 16 ymm registers: 8 rows of a 16-key
+// block (2 ymm each) spilled, 6 do not. Measured on a 2-core AMD EPYC with AVX2 (1 thread, bench_attention's
+// mixed step, A/B builds, 3 alternating runs): 7B heads 1.09-1.16 s -> 0.89-0.97 s (1.2x); the tiny heads
+// unchanged (their step is the softmax pass). No sum changes: bit-equal. The other copies (AVX-512's 32
+// registers; SSE, float64: not measured) keep kMR.
 template <typename T, int kBS>
 constexpr int tile_rows() {
-  if constexpr (VCF_PA_VEC_BYTES >= 64) {
-    return kMR;
-  } else {
+  if constexpr (VCF_PA_VEC_BYTES == 32 && std::is_same_v<T, float>) {
     constexpr int nv = kBS > 0 && kBS % kW<T> == 0 ? kBS / kW<T> : 2;
     return std::max(1, std::min(kMR, (16 - nv - 1) / nv));
+  } else {
+    return kMR;
   }
 }
 

@@ -6,9 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
-// exp for float32 scores (inputs <= 0 after subtracting the row max): Cephes' expf polynomial, written so
-// that the loop over a row of scores vectorises (no libm call); relative error ~1 ulp. float64 keeps
-// std::exp: the fp64 path exists to compare against the naive loop, where accuracy is the point.
+// exp for float32 scores (inputs <= 0 after subtracting the row max): Cephes' expf polynomial (no libm call),
+// relative error ~1 ulp; exp_neg_v runs it on whole GCC vectors (a plain loop of exp_neg under `omp simd` stayed
+// scalar in some target copies: GCC turned the clamp into a branch). float64 keeps std::exp: the fp64 path
+// exists to compare against the naive loop, where accuracy is the point.
 inline float exp_clamped(float x);
 inline float exp_neg(float x) { return exp_clamped(std::max(x, -87.0f)); }
 // exp of any float32 (SiLU's exp(-g)), saturating at e^-87 and e^88 (libm: ~0 and inf there).
@@ -17,7 +18,7 @@ inline float exp_f32(float x) { return exp_clamped(std::min(std::max(x, -87.0f),
 // The polynomial, for x in [-87, 88] (2^n stays a normal float). F: float or a GCC vector of floats, I: int32_t or
 // the int32 vector of the same width; the scalar and the vector loops (paged_attention.cpp's exp_row) share it.
 template <typename F, typename I>
-inline F exp_poly(F x) {
+__attribute__((always_inline)) inline F exp_poly(F x) {
   const float magic = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
   const F t = x * 1.44269504088896341f + magic;
   const F n = t - magic;
@@ -39,4 +40,7 @@ inline F exp_poly(F x) {
   return p * scale;
 }
 inline float exp_clamped(float x) { return exp_poly<float, int32_t>(x); }
+// exp_neg lane-wise: V a GCC vector of floats, I the int32 vector of the same width.
+template <typename V, typename I>
+__attribute__((always_inline)) inline V exp_neg_v(V x) { return exp_poly<V, I>(x < -87.0f ? V{} - 87.0f : x); }
 inline double exp_neg(double x) { return std::exp(x); }

@@ -126,7 +126,7 @@ def _smooth_texture(rng, h, w) -> np.ndarray:
     out = up.numpy()
     out += (rng.standard_normal((h, w, 1)) * 3.0).astype(np.float32)
     np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8)
+    return out.astype(np.uint8, order="C")   # C order whatever layout interpolate returns
 
 
 def _shape_mask(kind: str, size: int) -> np.ndarray:
