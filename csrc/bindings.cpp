@@ -9,6 +9,7 @@ void register_scheduler(py::module_& m);  // csrc/scheduler/bind_scheduler.cpp
 void register_kernels(py::module_& m);    // csrc/cpu/bind_kernels.cpp
 void register_attention(py::module_& m);  // csrc/cpu/paged_attention.cpp
 void register_sampling(py::module_& m);   // csrc/cpu/sampling.cpp
+void register_causal_softmax(py::module_& m);  // csrc/cpu/causal_softmax.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "videocom_fast C++ core: protocol, rollout scheduler, CPU kernels (torch-free)";
@@ -27,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   register_kernels(m);
   register_attention(m);
   register_sampling(m);
+  register_causal_softmax(m);
 }

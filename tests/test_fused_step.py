@@ -89,7 +89,8 @@ def test_every_instruction_set_copy_against_its_reference(isa):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         str(ROOT / "tests" / "test_crop_resize_patchify.py"), "-k", "simd"],
                        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, \
+        r.stdout[-3000:] + r.stderr[-2000:]
 
 
 def test_unknown_instruction_set_is_named():

@@ -6,6 +6,8 @@ Why: padding a batch of multi-turn video conversations to the longest wastes mos
 vary 3-10x); packing concatenates them into one row up to a token budget. Each example keeps its own M-RoPE
 positions (they restart at 0), and attention must not cross examples:
 - GPU with flash-attn importable: `flash_attn_varlen_func` with `cu_seqlens` (the FA2 varlen metadata);
+- CPU (float32 / float64, the extension built): training/causal_attention.py per example slice (blocked
+  matmuls around fused C++ softmax passes; faster than torch's CPU flash kernel, bench_train_attention.py);
 - otherwise one causal SDPA call per example slice (exactly block-diagonal causal attention, O(sum L_i^2)).
 Both receive the metadata as `cu_seq_lens_q/k`, `max_length_q/k` kwargs, which transformers forwards
 unchanged from `language_model(...)` to a registered attention function (FACTS.md). The vision tower keeps
@@ -22,9 +24,11 @@ import torch
 
 from videocom_fast.modeling import chunked_token_logprobs, embed, text_forward, vision_embeds
 
+from . import causal_attention
 from .sft_data import IGNORE_INDEX, SFTExample
 
 ATTN_NAME = "videocom_packed"
+CPU_CAUSAL = True   # False: the CPU takes the SDPA path too (the A/B of bench/bench_train_attention.py)
 
 
 # --- packing ---------------------------------------------------------------------------------------
@@ -147,9 +151,14 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
         out = fa(q, k, v, cu.to(q.device, torch.int32), cu_k.to(q.device, torch.int32),
                  max_length_q or L, max_length_k or L, dropout_p=dropout, softmax_scale=scaling, causal=True)
         return out.unsqueeze(0), None
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    if CPU_CAUSAL and not dropout and causal_attention.available(query):
+        outs = [causal_attention.causal_attention(query[0, :, s:e], key[0, :, s:e], value[0, :, s:e], scaling)
+                for s, e in bounds]
+        return torch.cat(outs, dim=1).transpose(0, 1).unsqueeze(0), None
     gqa = query.shape[1] != key.shape[1]
     outs = []
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    for s, e in bounds:
         outs.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
                                                    is_causal=True, scale=scaling, enable_gqa=gqa))
     return torch.cat(outs, dim=2).transpose(1, 2), None

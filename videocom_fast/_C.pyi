@@ -115,8 +115,9 @@ def cpu_store_kind(lut: np.ndarray, norm: tuple[int, float, list[float], list[fl
     """'f32' | 'bf16' | 'f16' (computed store) or 'table' (lookups): what the kernel will use for this lut."""
 def resize_uint8(image: np.ndarray, out_h: int, out_w: int, mode: int) -> np.ndarray: ...
 def set_cpu_simd(enabled: bool) -> bool:
-    """Hand-written SIMD loops (True, default: AVX-512 when the CPU has AVX-512BW, else AVX2 when it has it) or
-    the portable ones; returns the previous setting. Outputs are identical either way."""
+    """Hand-written SIMD loops (True, default: AVX-512 when the CPU has AVX-512BW, else AVX2 when it has it;
+    capped by VIDEOCOM_CPU_ISA as cpu_isa) or the portable ones; returns the previous setting. Outputs are
+    identical either way."""
 def cpu_simd_isa() -> str:
     """'avx512_vbmi', 'avx512', 'avx2' or 'portable': the loops the next CPU kernel call runs."""
 def resample_axis(mode: int, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -136,6 +137,11 @@ def paged_kv_write(k_pool: np.ndarray, v_pool: np.ndarray, slots: np.ndarray, k:
 def sample_logits(logits: np.ndarray, u: np.ndarray, top_k: int, top_p: float, out: np.ndarray) -> None:
     """csrc/cpu/sampling.cpp: one inverse-CDF draw per row of float32 logits (N, V) after top-k (ties kept, 0: off)
     then top-p, with the row's uniform u (N,) float64 in [0, 1); token ids into out (N,) int64."""
+def causal_softmax_(s: np.ndarray, r0: int, scale: float) -> None:
+    """csrc/cpu/causal_softmax.cpp, in place on scores s (M, R, C) float32 / float64: softmax(scale * s) over
+    the keys row i may see (j <= r0 + i), 0 past them (training/causal_attention.py's forward)."""
+def causal_softmax_backward_(p: np.ndarray, dp: np.ndarray, r0: int, scale: float) -> None:
+    """In place on dp (M, R, C): scale * p * (dp - sum_j p dp) over the keys row i may see, 0 past them."""
 def crop_resize_patchify_cuda(frames: list[tuple[int, int, int, int, int, int]], boxes: list[tuple[int, int, int, int]],
                               sizes: list[tuple[int, int]], modes: list[int], lut: int, out: int, rows: int,
                               elem_size: int, stream: int) -> None:
