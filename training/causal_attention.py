@@ -4,7 +4,7 @@ Legend: n tokens of one example, Hq / Hkv query / key-value heads (g = Hq / Hkv,
 head dim, P the probabilities.
 
 Why: packed SFT / GRPO batches on the CPU run one causal attention per example (training/packing.py), and
-torch's CPU flash-attention kernel was most of a demo SFT step: at n = 570, 4 query / 2 KV heads of 32 it ran
+torch's CPU flash-attention kernel was ~40% of a demo SFT step: at n = 570, 4 query / 2 KV heads of 32 it ran
 13 ms forward + backward per example and layer on a 2-core AMD EPYC (AVX2), ~25 GFLOP/s, where one batched
 matmul of those shapes runs at ~60. Here the work of query rows [r0, r1) is matmuls against keys [0, r1) only
 (the causal triangle in blocks of BLOCK_ROWS rows), the g query heads of a KV head stacked as one matmul's
@@ -15,6 +15,8 @@ softmax and its backward are one C++ pass each (csrc/cpu/causal_softmax.cpp) ins
 Same math as scaled_dot_product_attention(is_causal=True, enable_gqa=...); the rounding differs (tests hold it
 to 2x the error of SDPA in the same dtype, flash-attention's rule, and check gradcheck in float64). The
 matmuls are now ~2/3 of its time (~50 GFLOP/s); measured in bench/bench_train_attention.py and the README.
+Opt-in in training (packing.CPU_CAUSAL): a step with it is faster alone and slower beside the demo's renderer
+thread (the measurements are at packing.CPU_CAUSAL).
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ Why: padding a batch of multi-turn video conversations to the longest wastes mos
 vary 3-10x); packing concatenates them into one row up to a token budget. Each example keeps its own M-RoPE
 positions (they restart at 0), and attention must not cross examples:
 - GPU with flash-attn importable: `flash_attn_varlen_func` with `cu_seqlens` (the FA2 varlen metadata);
-- CPU (float32 / float64, the extension built): training/causal_attention.py per example slice (blocked
-  matmuls around fused C++ softmax passes; faster than torch's CPU flash kernel, bench_train_attention.py);
-- otherwise one causal SDPA call per example slice (exactly block-diagonal causal attention, O(sum L_i^2)).
+- otherwise one causal SDPA call per example slice (exactly block-diagonal causal attention, O(sum L_i^2)),
+  or, with CPU_CAUSAL set, training/causal_attention.py per slice (blocked matmuls around fused C++ softmax
+  passes: faster than torch's CPU flash kernel alone, not beside a busy Python thread; see CPU_CAUSAL).
 Both receive the metadata as `cu_seq_lens_q/k`, `max_length_q/k` kwargs, which transformers forwards
 unchanged from `language_model(...)` to a registered attention function (FACTS.md). The vision tower keeps
 its own attention (`set_attn_implementation({"text_config": ...})` touches only the LLM).
@@ -28,7 +28,11 @@ from . import causal_attention
 from .sft_data import IGNORE_INDEX, SFTExample
 
 ATTN_NAME = "videocom_packed"
-CPU_CAUSAL = True   # False: the CPU takes the SDPA path too (the A/B of bench/bench_train_attention.py)
+# True: CPU float32 / float64 attention through training/causal_attention.py (opt-in). Measured on a 2-core
+# AMD EPYC (AVX2), the demo's scene-SFT step, alternating steps: 1 torch thread 0.418 -> 0.375 s, 2 threads
+# 0.335 -> 0.319 s, but with the demo's renderer thread beside the step 0.494 -> 0.577 s (its ~12 torch calls
+# per block of 96 rows hand the GIL back each time; a 0.2 ms switch interval left 0.526 -> 0.557 s).
+CPU_CAUSAL = False
 
 
 # --- packing ---------------------------------------------------------------------------------------
