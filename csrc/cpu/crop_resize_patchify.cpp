@@ -161,6 +161,14 @@ static inline int32_t pair16(int32_t w0, int32_t w1) {
   return (int32_t)((uint32_t)(uint16_t)w0 | ((uint32_t)(uint16_t)w1 << 16));
 }
 
+// Two taps' weights as vpmaddwd pairs: whole when they fit int16 (kSplit false; hi = 0), else PIL's 22-bit
+// weights split into their low 11 bits and the rest, the loops recombining the sums as lo + (hi << 11).
+template <bool kSplit>
+static inline void weight_pair(int32_t w0, int32_t w1, int32_t& lo, int32_t& hi) {
+  lo = kSplit ? pair16(w0 & 0x7FF, w1 & 0x7FF) : pair16(w0, w1);
+  hi = kSplit ? pair16(w0 >> 11, w1 >> 11) : 0;
+}
+
 bool set_cpu_simd(bool enabled) {
   return g_simd.exchange(enabled);
 }
@@ -261,8 +269,9 @@ __attribute__((target("avx2"))) static void hpass_mac_avx2(const uint8_t* tin, c
     for (int i = 0; i < 6; ++i) a[i] = half, h[i] = zero;
     for (int j = 0; j < n; j += 2, v += 6 * kRows) {
       const int32_t w0 = k[j], w1 = j + 1 < n ? k[j + 1] : 0;
-      const __m256i wl = _mm256_set1_epi32(kSplit ? pair16(w0 & 0x7FF, w1 & 0x7FF) : pair16(w0, w1));
-      const __m256i wh = kSplit ? _mm256_set1_epi32(pair16(w0 >> 11, w1 >> 11)) : zero;
+      int32_t pair_lo, pair_hi;
+      weight_pair<kSplit>(w0, w1, pair_lo, pair_hi);
+      const __m256i wl = _mm256_set1_epi32(pair_lo), wh = _mm256_set1_epi32(pair_hi);
       for (int c = 0; c < 3; ++c) {
         const __m128i x = _mm_loadu_si128((const __m128i*)(v + c * kRows));
         const __m128i y = _mm_loadu_si128((const __m128i*)(v + (3 + c) * kRows));
@@ -501,8 +510,7 @@ static int weight_pairs(const int32_t* w, int n, int32_t* lo_pair, int32_t* hi_p
   const int pairs = (n + 1) / 2;
   for (int q = 0; q < pairs; ++q) {
     const int32_t w0 = w[2 * q], w1 = 2 * q + 1 < n ? w[2 * q + 1] : 0;
-    lo_pair[q] = kSplit ? pair16(w0 & 0x7FF, w1 & 0x7FF) : pair16(w0, w1);
-    if (kSplit) hi_pair[q] = pair16(w0 >> 11, w1 >> 11);
+    weight_pair<kSplit>(w0, w1, lo_pair[q], hi_pair[q]);
   }
   return pairs;
 }
