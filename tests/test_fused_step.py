@@ -80,17 +80,15 @@ def test_every_instruction_set_copy_against_its_reference(isa):
     r = subprocess.run([sys.executable, "-c", "from videocom_fast import _C; print(_C.cpu_isa())"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.stdout.strip() == isa, r.stdout + r.stderr
-    tests = [f"{ROOT / 'tests' / 'test_fused_step.py'}::test_silu_mul_within_twice_the_plain_error",
-             str(ROOT / "tests" / "test_kv_cache.py")]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k",
-                        "silu_mul_within or cpp or long_prefill or shared"], capture_output=True, text=True,
-                       timeout=600, env=env, cwd=ROOT)
-    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "test_crop_resize_patchify.py"), "-k", "simd"],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, \
-        r.stdout[-3000:] + r.stderr[-2000:]
+    tests = f"{ROOT / 'tests' / 'test_fused_step.py'}::test_silu_mul_within_twice_the_plain_error"
+    runs = [([tests, str(ROOT / "tests" / "test_kv_cache.py")],
+             "silu_mul_within or cpp or long_prefill or shared"),
+            ([str(ROOT / "tests" / "test_crop_resize_patchify.py")], "simd")]
+    for files, select in runs:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", select]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, \
+            r.stdout[-3000:] + r.stderr[-2000:]
 
 
 def test_unknown_instruction_set_is_named():
