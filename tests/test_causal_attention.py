@@ -144,5 +144,13 @@ def test_bad_input_is_named():
         _C.causal_softmax_(s.numpy(), -1, 1.0)
     with pytest.raises(ValueError, match="scale"):
         _C.causal_softmax_(s.numpy(), 0, 0.0)
+    with pytest.raises(ValueError, match=r"expected \(M, R, C\)"):
+        _C.causal_softmax_(s[0].numpy(), 0, 1.0)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _C.causal_softmax_(s.int().numpy(), 0, 1.0)
+    read_only = s.numpy().copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _C.causal_softmax_(read_only, 0, 1.0)
     with pytest.raises(ValueError, match="dp's shape and dtype"):
         _C.causal_softmax_backward_(s.double().numpy(), s.numpy(), 0, 1.0)
