@@ -173,3 +173,31 @@ def test_warm_up_loss_takes_crops_of_different_token_counts(tmp_path):
     heads = _Heads(net.config.text_config.hidden_size, 4, 4, 4)
     total, parts = _losses(net, heads, b)
     assert torch.isfinite(total) and 0 <= parts["acc_char"] <= 1
+
+
+def test_warm_up_tag_weight_weighs_the_tokens_on_the_tag(tmp_path):
+    """`tag_pos_weight` w: the tag head's loss is the per-token cross-entropy weighted w on the tokens
+    covering the tag, 1 elsewhere (sum(w l) / sum(w)); at 1 it is the plain mean. A bad weight fails before
+    any work."""
+    from videocom_fast.evaluate import media_config_from
+    from videocom_fast.modeling import vision_embeds
+    from videocom_fast.models import build_tiny, load
+    from videocom_fast.training.perception import _Batches, _Heads, _losses, warm_up
+
+    net, _ = load(build_tiny(tmp_path / "tiny", seed=0))
+    media = dict(main_nframes=8, rewatch_nframes=4, video_min_pixels=12544, video_max_pixels=25088,
+                 image_min_pixels=3136, image_max_pixels=12544)
+    b = _Batches(media_config_from(media), seed=3, width=320, height=192, fps=4, seconds=(40, 40)).make(12, 2)
+    target = b["vid_tag"].flatten()
+    assert 0 < int(target.sum()) < len(target)       # tokens on the tag and off it: the case this is about
+    torch.manual_seed(0)
+    heads = _Heads(net.config.text_config.hidden_size, 6, 4, 4)
+    with torch.no_grad():
+        logits = heads.tag(torch.stack(vision_embeds(net, *b["video"], video=True))).flatten(0, 1)
+        per_token = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none")
+        for w in (1.0, 25.0, 3.5):
+            _, parts = _losses(net, heads, b, tag_pos_weight=w)
+            weights = torch.where(target > 0, w, 1.0).double()
+            assert parts["tag"] == pytest.approx(float((weights * per_token).sum() / weights.sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="tag_pos_weight"):
+        warm_up(tmp_path / "tiny", tmp_path / "out", media=media, steps=1, tag_pos_weight=0)

@@ -115,7 +115,8 @@ class _Heads(torch.nn.Module):
         self.char, self.colour = torch.nn.Linear(dim, chars), torch.nn.Linear(dim, colours)
 
 
-def _losses(model, heads: _Heads, b: dict, char_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+def _losses(model, heads: _Heads, b: dict, char_weight: float = 1.0,
+            tag_pos_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     from videocom_fast.modeling import vision_embeds
 
     ce = torch.nn.functional.cross_entropy
@@ -127,7 +128,8 @@ def _losses(model, heads: _Heads, b: dict, char_weight: float = 1.0) -> tuple[to
     tint_logits = heads.tint(vid)
     out = {
         "tint": ce(tint_logits.flatten(0, 1), b["vid_tint"].repeat_interleave(vid.shape[1])),
-        "tag": ce(heads.tag(vid).flatten(0, 1), b["vid_tag"].flatten()),
+        "tag": ce(heads.tag(vid).flatten(0, 1), b["vid_tag"].flatten(),
+                  weight=None if tag_pos_weight == 1 else vid.new_tensor([1.0, tag_pos_weight])),
         "slot": ce(heads.slot(img).flatten(0, 1), b["img_slot"].flatten()),
         "char": ce(heads.char(crop), b["char"]),
         "colour": ce(heads.colour(crop), b["colour"]),
@@ -149,10 +151,13 @@ def _losses(model, heads: _Heads, b: dict, char_weight: float = 1.0) -> tuple[to
 
 
 def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, crops: int = 64, lr: float = 2e-3,
-            char_weight: float = 4.0, seed: int = 0, width: int = 320, height: int = 192, fps: int = 4,
-            seconds=(40, 40), log_every: int = 50, eval_batch: int = 64, log=print) -> dict:
+            char_weight: float = 4.0, tag_pos_weight: float = 1.0, seed: int = 0, width: int = 320,
+            height: int = 192, fps: int = 4, seconds=(40, 40), log_every: int = 50, eval_batch: int = 64,
+            log=print) -> dict:
     """Train the vision tower + merger of `model` ("tiny" = build a new tiny model, or a model dir) and
-    save the whole model to `out_dir`. Returns the held-out head accuracies (fresh scenes) and timings."""
+    save the whole model to `out_dir`. Returns the held-out head accuracies (fresh scenes) and timings.
+    `tag_pos_weight`: the tag head's weight on the tokens that cover the tag (~1.3% of the main video's
+    tokens: at 1 the head mostly learns "no tag"; docs/vision_demo.md, session 16)."""
     from videocom_fast.data.synth import SEGMENT_TINTS, TAG_CHARS, TAG_COLOURS
     from videocom_fast.evaluate import media_config_from
     from videocom_fast.modeling import inner
@@ -162,6 +167,8 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, crops: 
 
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
+    if not (isinstance(tag_pos_weight, (int, float)) and tag_pos_weight > 0):
+        raise ValueError(f"tag_pos_weight: expected a number > 0, got {tag_pos_weight!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src = build_tiny(out / "_base", seed=seed) if str(model) == "tiny" else Path(model)
@@ -180,7 +187,7 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, crops: 
     visual.train()
     batches = _prefetch(lambda: data.make(batch, crops))       # rendering overlaps the step (GIL released)
     for step in range(1, steps + 1):
-        loss, parts = _losses(net, heads, next(batches), char_weight)
+        loss, parts = _losses(net, heads, next(batches), char_weight, tag_pos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -194,7 +201,7 @@ def warm_up(model, out_dir, *, media, steps: int = 300, batch: int = 16, crops: 
     batches.close()                                           # stops the renderer
     visual.eval()
     with torch.no_grad():
-        _, final = _losses(net, heads, held)
+        _, final = _losses(net, heads, held, tag_pos_weight=tag_pos_weight)
     train_s = time.perf_counter() - t0
     net.save_pretrained(out)
     processor.save_pretrained(out)
