@@ -128,7 +128,7 @@ def _losses(model, heads: _Heads, b: dict, char_weight: float = 1.0,
     tint_logits = heads.tint(vid)
     out = {
         "tint": ce(tint_logits.flatten(0, 1), b["vid_tint"].repeat_interleave(vid.shape[1])),
-        # weight None at 1: a [1, 1] weight sums in another order, and the demo's runs would change bytes
+        # at 1 no weight at all: the demo's loss stays the call it was (a [1, 1] weight gave equal values here)
         "tag": ce(heads.tag(vid).flatten(0, 1), b["vid_tag"].flatten(),
                   weight=None if tag_pos_weight == 1 else vid.new_tensor([1.0, tag_pos_weight])),
         "slot": ce(heads.slot(img).flatten(0, 1), b["img_slot"].flatten()),
