@@ -19,7 +19,10 @@ the spec-budget groups are named rollout_spec_vs_*):
 - rollout_vs_naive: the engine vs the naive loop (per sample, per round: rebuild the conversation, run the
   processor, `generate` with fresh prefill; role "baseline");
 - rollout_vs_lockstep: the engine vs lock-step `generate` (all unfinished rollouts of a round together,
-  full re-prefill every round, the way TRL's tool loop does; role "baseline").
+  full re-prefill every round, the way TRL's tool loop does; role "baseline");
+- rollout_env_inline: the engine with its env work on a worker thread (the default; role "baseline") vs
+  inline on the calling thread (`num_workers=0`). Its "outside" column counts the env work where it runs:
+  inline, on the timed thread; on a worker, only through the GIL the model ops wait for.
 extra_info of every benchmark: generated tokens/s, visual tokens/s (visual tokens of the finished
 sequences per second), prefill tokens (tokens pushed through forwards that were not decodes), prefill
 tokens saved (prefix sharing + KV reuse; 0 for the baselines, which re-prefill everything), fraction of
@@ -101,10 +104,10 @@ def _record(benchmark, name, *, gen_tokens, visual, wall, prefill_tokens, saved,
     return info
 
 
-def _engine(benchmark, setup, name, n_prompts, n_gen, media="small"):
+def _engine(benchmark, setup, name, n_prompts, n_gen, media="small", num_workers=1, role="candidate"):
     model, proc, samples, forced = setup
     eng = RolloutEngine(model, proc, env_factory=_env_factory(media), max_rounds=ROUNDS, max_new_tokens=NEW,
-                        forced_rounds=forced)
+                        forced_rounds=forced, num_workers=num_workers)
     # steady state, as in RL training where one engine serves every step: one untimed warm-up run of the same
     # workload (first touch of the KV pool's pages, allocator growth, oneDNN primitives for new shapes); each
     # run gets a fresh FrameCache, so the timed run decodes its videos like the baselines do
@@ -117,7 +120,7 @@ def _engine(benchmark, setup, name, n_prompts, n_gen, media="small"):
     st = eng.stats
     info = _record(benchmark, name, gen_tokens=st["generated_tokens"], visual=st["visual_tokens"], wall=st["wall_s"],
                    prefill_tokens=st["prefill_tokens"], saved=st["prefill_tokens_saved"],
-                   model_s=st["model_s"] + st["vision_s"], role="candidate")
+                   model_s=st["model_s"] + st["vision_s"], role=role)
     info.update(prefix_tokens_shared=st["prefix_tokens_shared"], kv_reuse_tokens=st["kv_reuse_tokens"],
                 steps=st["steps"], vision_cache_hits=st["vision_cache_hits"])
 
@@ -187,6 +190,16 @@ def test_lockstep(benchmark, setup):
     _lockstep(benchmark, setup, "lockstep")
 
 
+@pytest.mark.benchmark(group="rollout_env_inline")
+def test_engine_env_on_a_worker(benchmark, setup):
+    _engine(benchmark, setup, "engine_worker", PROMPTS, G, role="baseline")
+
+
+@pytest.mark.benchmark(group="rollout_env_inline")
+def test_engine_env_inline(benchmark, setup):
+    _engine(benchmark, setup, "engine_inline", PROMPTS, G, num_workers=0)
+
+
 @pytest.mark.benchmark(group="rollout_spec_vs_naive")
 def test_engine_spec_vs_naive(benchmark, setup):
     _engine(benchmark, setup, "engine_spec", PROMPTS, G, media="spec")
@@ -224,8 +237,8 @@ def _print_table():
     for name, r in _rates.items():
         print(f"{name:18} {r['gen_tokens_per_s']:10.1f} {r['visual_tokens_per_s']:10.0f} {r['prefill_tokens']:8d} "
               f"{r['prefill_tokens_saved']:8d} {100 * r['outside_model_frac']:7.1f}%")
-    for name, base in (("engine", "naive"), ("engine_again", "lockstep"), ("engine_spec", "naive_spec"),
-                       ("engine_spec_again", "lockstep_spec")):
+    for name, base in (("engine", "naive"), ("engine_again", "lockstep"), ("engine_inline", "engine_worker"),
+                       ("engine_spec", "naive_spec"), ("engine_spec_again", "lockstep_spec")):
         if name in _rates and base in _rates:
             x = _rates[name]["gen_tokens_per_s"] / _rates[base]["gen_tokens_per_s"]
             print(f"{name} generated tokens/s x {base}: {x:.2f}")

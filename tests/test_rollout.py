@@ -225,6 +225,8 @@ def test_bad_arguments(model32):
         RolloutEngine(model, proc, kv_budget_tokens=3)
     with pytest.raises(ValueError, match="attention must be"):
         RolloutEngine(model, proc, attention="paged")
+    with pytest.raises(ValueError, match="num_workers must be an int >= 0"):
+        RolloutEngine(model, proc, num_workers=-1)
     with pytest.raises(ValueError, match="attention='cpp' needs"):
         RolloutEngine(model, proc, attention="cpp", dtype=torch.bfloat16)
     eng = RolloutEngine(model, proc)
@@ -271,4 +273,29 @@ def test_per_sequence_arrays_grow_and_reuse_slots(model32, rollout_samples, monk
             assert a.token_ids == b.token_ids and a.generated_mask == b.generated_mask
             assert a.finish_reason == b.finish_reason and torch.equal(a.position_ids, b.position_ids)
             # which sequences share a step follows the workers' timing: fp32 rows differ in the last bits
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_inline_env_work_gives_the_same_rollouts(model32, rollout_samples):
+    """num_workers=0 runs the env, preprocessing and observation tokens on the calling thread when a round
+    ends: the same sampled episodes as with a worker (tokens, positions, finish reasons; log-probs to fp32
+    rounding, since which sequences share a step differs), and no env is built on another thread."""
+    import threading
+    model, proc = model32
+    samples = rollout_samples[:3]
+    make_env, threads = env_factory(), set()
+
+    def env_here(sample):
+        threads.add(threading.current_thread() is threading.main_thread())
+        return make_env(sample)
+    ref = _engine(model, proc, samples).generate(samples, num_generations=3, seed=5)
+    eng = _engine(model, proc, samples, num_workers=0)
+    eng.env_factory = env_here
+    got = eng.generate(samples, num_generations=3, seed=5)
+    assert threads == {True}
+    assert eng.stats["rounds"] > 2 * len(samples) * 3   # observations came back and later rounds ran
+    for gr, gg in zip(ref, got):
+        for a, b in zip(gr, gg):
+            assert a.token_ids == b.token_ids and a.generated_mask == b.generated_mask
+            assert a.finish_reason == b.finish_reason and torch.equal(a.position_ids, b.position_ids)
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)

@@ -121,9 +121,11 @@ def test_memory_bounded_over_1000_rollouts(model32, rollout_samples):
 
 # --- one sample's bad media fails only its own episodes ------------------------------------------------
 
-def test_one_unreadable_video_fails_only_its_own_episodes(model32, rollout_samples, tmp_path):
+@pytest.mark.parametrize("num_workers", [1, 0])
+def test_one_unreadable_video_fails_only_its_own_episodes(model32, rollout_samples, tmp_path, num_workers):
     """A truncated and a missing video in the batch: their G episodes end with "error: ..." naming the file,
-    and every other sample's episodes are exactly those of a batch without the bad videos."""
+    and every other sample's episodes are exactly those of a batch without the bad videos (env work on a
+    worker, or inline)."""
     from videocom_fast.rollout.engine import failed
 
     model, proc = model32
@@ -133,7 +135,7 @@ def test_one_unreadable_video_fails_only_its_own_episodes(model32, rollout_sampl
     bad = [good[0], dict(good[1], video=str(cut)), good[2], dict(good[3], video=str(tmp_path / "missing.mp4"))]
     kw = dict(env_factory=env_factory(), max_rounds=2, max_new_tokens=6)
     ref = RolloutEngine(model, proc, **kw).generate(good, num_generations=2, greedy=True)
-    eng = RolloutEngine(model, proc, **kw)
+    eng = RolloutEngine(model, proc, num_workers=num_workers, **kw)
     got = eng.generate(bad, num_generations=2, greedy=True)
     for i, name in ((1, "cut.mp4"), (3, "missing.mp4")):
         assert all(failed(t) and name in t.finish_reason and t.token_ids == [] for t in got[i]), \
@@ -145,9 +147,11 @@ def test_one_unreadable_video_fails_only_its_own_episodes(model32, rollout_sampl
     assert eng.stats["scheduler"]["num_free_blocks"] == eng.stats["kv_pool_blocks"]
 
 
-def test_failed_observation_ends_only_that_episode(model32, rollout_samples, monkeypatch):
-    """Preprocessing of one sample's FIND_FRAME image raises on the worker: that sample's episodes end
-    after the round that asked for it (reason names the error), the others go on to later rounds."""
+@pytest.mark.parametrize("num_workers", [1, 0])
+def test_failed_observation_ends_only_that_episode(model32, rollout_samples, monkeypatch, num_workers):
+    """Preprocessing of one sample's FIND_FRAME image raises (on the worker, or inline): that sample's
+    episodes end after the round that asked for it (reason names the error), the others go on to later
+    rounds."""
     from helpers_rollout import forced_scripts
     from videocom_fast.rollout import engine as engine_mod
 
@@ -162,7 +166,7 @@ def test_failed_observation_ends_only_that_episode(model32, rollout_samples, mon
 
     monkeypatch.setattr(engine_mod, "preprocess_items", flaky)
     eng = RolloutEngine(model, proc, env_factory=env_factory(), max_rounds=4, max_new_tokens=40,
-                        forced_rounds=forced_scripts(samples, proc.tokenizer))
+                        forced_rounds=forced_scripts(samples, proc.tokenizer), num_workers=num_workers)
     got = eng.generate(samples, num_generations=2, greedy=True)
     for t in got[1]:
         assert t.finish_reason == "error: RuntimeError: injected preprocessing failure"

@@ -48,7 +48,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +74,24 @@ ERROR_PREFIX = "error: "   # finish_reason of an episode whose sample's media or
 def failed(traj) -> bool:
     """True for an episode ended by an error of its own sample (see the finish reasons above)."""
     return traj.finish_reason.startswith(ERROR_PREFIX)
+
+
+class _Inline:
+    """`num_workers=0`: an executor that runs each job as it is submitted and returns its finished Future."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args) -> Future:
+        f = Future()
+        try:
+            f.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - _collect reads it from the Future, as from a worker's
+            f.set_exception(e)
+        return f
 
 
 # --- per-sequence and per-group state --------------------------------------------------------------------
@@ -280,7 +298,13 @@ class RolloutEngine(EngineStep):
     workload, 2-core EPYC: 24% -> 20% of the call outside the model, same run). SDPA's decode path reads
     whole blocks under a mask (a NaN survives it) and flash-attn's paged path is not proven here, so their
     pools are zero-filled (a memset on the GPU). Block size: None picks `attention.FLASH_BLOCK_SIZE` (256)
-    when flash-attn's paged path will run, else 16."""
+    when flash-attn's paged path will run, else 16.
+
+    Workers: `num_workers` threads run the env, preprocessing and the observations' token ids while the
+    other sequences decode; `num_workers=0` runs that work inline, on the calling thread, when a round ends
+    (same trajectories). On a 2-core CPU the two run within 4% of each other (bench_rollout's
+    rollout_env_inline group, session 17): the workers' Python holds the GIL that every model op wants back
+    (video decoding releases it), so what they overlap the forwards lose."""
 
     def __init__(self, model, processor, *, max_rounds: int = 5, max_new_tokens: int = 512,
                  max_batch_tokens: int = 4096, kv_budget_tokens: int | None = None, block_size: int | None = None,
@@ -289,7 +313,7 @@ class RolloutEngine(EngineStep):
                  text_forward: str = "auto", env_factory=None, forced_rounds=None, keep_kv_pool: bool = False):
         for name, v, low in (("max_rounds", max_rounds, 1), ("max_new_tokens", max_new_tokens, 1),
                              ("max_batch_tokens", max_batch_tokens, 1), ("block_size", block_size or 1, 1),
-                             ("max_num_seqs", max_num_seqs, 1), ("num_workers", num_workers, 1)):
+                             ("max_num_seqs", max_num_seqs, 1), ("num_workers", num_workers, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"RolloutEngine: {name} must be an int >= {low}, got {v!r}")
         self.model, self.processor = model, processor
@@ -383,7 +407,8 @@ class RolloutEngine(EngineStep):
         prev_attn = modeling.inner(self.model).language_model.config._attn_implementation
         self.model.set_attn_implementation({"text_config": attn.register()})
         try:
-            with ThreadPoolExecutor(self.num_workers) as workers, torch.no_grad():
+            pool = ThreadPoolExecutor(self.num_workers) if self.num_workers else _Inline()
+            with pool as workers, torch.no_grad():
                 self.workers = workers
                 self._run(samples)
         finally:
