@@ -3,6 +3,7 @@ steps) and ablation, with the LLM's width and the warm-up's tag weight as argume
 
     python docs/vision_demo_data/seed_sweep.py --seed 2 --hidden 256 --tag-pos-weight 25 --out /tmp/sweep_s2
     python docs/vision_demo_data/seed_sweep.py ... --extra-steps 300   # then 300 more SFT steps at lr 2e-3
+    python docs/vision_demo_data/seed_sweep.py ... --grpo-lr 3e-5      # then the demo's GRPO (20 steps)
 
 Runs on 1 torch thread (two seeds at a time on 2 cores); prints and writes out/result.json.
 """
@@ -23,6 +24,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs=3, default=(300, 400, 300), metavar=("WARM", "SFT1", "SFT2"),
                     help="the demo's: 300 warm-up, 400 + 300 SFT")
     ap.add_argument("--held-out", type=int, default=48)
+    ap.add_argument("--grpo-lr", type=float, default=None,
+                    help="after SFT: grpo_tiny.yaml's RA-GRPO, 20 steps at this lr, from the last SFT stage")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -72,6 +75,17 @@ def main() -> None:
             accuracy=full["accuracy_mean"], observations_black=table["blank_all"]["accuracy_mean"],
             zoom_black=table["blank_zoom"]["accuracy_mean"], reward=full["reward_mean"],
             precision={k: full.get(f"precision_{k}") for k in ("segment", "frame", "zoom")})
+    if args.grpo_lr is not None:
+        from videocom_fast.training.config import load_config
+        from videocom_fast.training.grpo import GRPOConfig, run_grpo
+        t = time.perf_counter()
+        over = [f"model={src}", f"data={paths['grpo']}", f"output_dir={out / 'grpo'}", f"seed={seed}",
+                "max_steps=20", "save_every=0", "progress=false", f"lr={args.grpo_lr}"]
+        grpo = run_grpo(load_config(GRPOConfig, CONFIGS / "grpo_tiny.yaml", over))
+        after = ablation_table(out / "grpo", held, media, rows=("full",))["full"]
+        result["grpo"] = dict(accuracy=after["accuracy_mean"], reward=after["reward_mean"],
+                              train_rewards=grpo.get("reward_means"))
+        times["grpo_s"] = time.perf_counter() - t
     result["times"] = {k: round(v, 1) for k, v in times.items()}
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, default=str))
