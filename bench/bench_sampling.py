@@ -6,9 +6,10 @@ Rows per thread count (one group each):
   masked_serial sampling.sample as it ran until session 12: an index_fill copy of the scaled logits with the
                 suppressed ids at -inf, the C++ draw's rows one after another (its OpenMP rule N*V > 2^18
                 never held at the engine's sizes), log-softmax after the draw
-  engine        sampling.sample now: log-softmax first, the suppressed ids set to -inf in place, the C++
-                draw's rows in parallel from 16 rows on (with 2 threads)
-All three return the same tokens for the same uniforms (asserted before timing; the torch path may differ on a
+  draw_only     sampling.sample from session 12 to 17: torch's log-softmax first, the suppressed ids at -inf
+                in place, the C++ draw's rows in parallel from 16 rows on (with 2 threads), a gather
+  engine        sampling.sample now: the whole sampler in one C++ call (`_C.sample_rows`, session 18)
+All four return the same tokens for the same uniforms (asserted before timing; the torch path may differ on a
 row whose uniform lands within float32 rounding of a CDF step: none at these sizes and this seed).
 Run: .venv/bin/pytest bench/bench_sampling.py --benchmark-only -o python_files="bench_*.py"
 """
@@ -46,8 +47,19 @@ def _masked_serial(logits, u, sup):
     return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _draw_only(logits, u, sup):
+    from videocom_fast import _C
+    work = logits.float() / PARAMS.temperature
+    logp = work.log_softmax(-1)
+    work.index_fill_(-1, sup, float("-inf"))
+    tokens = torch.empty(N, dtype=torch.long)
+    _C.sample_logits(work.contiguous().numpy(), u.numpy(), K, 1.0, tokens.numpy())
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
 IMPLS = {"torch": lambda lg, u, sup: sample(lg, PARAMS, suppress_ids=sup, uniforms=u, impl="torch"),
          "masked_serial": _masked_serial,
+         "draw_only": _draw_only,
          "engine": lambda lg, u, sup: sample(lg, PARAMS, suppress_ids=sup, uniforms=u)}
 
 

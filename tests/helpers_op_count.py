@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
                 "_reshape_alias", "_unsafe_view", "resize_"}
 # the CPU kernels of videocom_fast._C that the engine step may call (each call is one kernel)
-CPP_KERNELS = ("paged_attention", "paged_kv_write", "sample_logits", "fused_add_rms_norm", "fused_rotary",
-               "fused_silu_mul")
+CPP_KERNELS = ("paged_attention", "paged_kv_write", "sample_logits", "sample_rows", "fused_add_rms_norm",
+               "fused_rotary", "fused_silu_mul")
 
 
 def is_kernel(func) -> bool:

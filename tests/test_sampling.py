@@ -226,9 +226,65 @@ def test_sample_suppresses_the_same_ids_on_both_draws():
     assert torch.equal(logits, before)
     b, lb = sample(logits, params, uniforms=u, suppress_ids=sup, impl="torch")
     assert not torch.isin(a, sup).any() and (a != b).sum() <= 1
-    # log-probs stay the full-vocabulary log-softmax before suppression (the trainer's), on both paths
+    # log-probs stay the full-vocabulary log-softmax before suppression (the trainer's), on both paths: the
+    # torch path's bit-equal, the C++ one's within 2x the torch path's error against float64 (+ 2 ulps)
     want = (logits / 0.8).log_softmax(-1)
-    torch.testing.assert_close(la, want.gather(-1, a[:, None]).squeeze(-1), rtol=0, atol=0)
+    torch.testing.assert_close(lb, want.gather(-1, b[:, None]).squeeze(-1), rtol=0, atol=0)
+    _assert_logprobs_close(la, logits, 0.8, a)
+
+
+def _assert_logprobs_close(lp, logits, temperature, tokens):
+    """lp (float32) against log_softmax(logits / T) at `tokens`: error vs float64 <= 2x the error of torch's
+    float32 log_softmax (flash-attention's rule), plus 2 ulps of the row's largest |logit / T| (the resolution
+    of float32 inputs: another exp and summation order may land on either side)."""
+    exact = (logits.double() / torch.tensor(temperature, dtype=torch.float32).double()).log_softmax(-1)
+    exact = exact.gather(-1, tokens[:, None]).squeeze(-1)
+    plain = (logits / temperature).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1).double()
+    ulp = torch.finfo(torch.float32).eps * (logits / temperature).abs().amax(-1).clamp(min=1.0)
+    err, allowed = (lp.double() - exact).abs(), 2 * (plain - exact).abs() + 2 * ulp
+    worst = float((err - allowed).max())
+    assert (err <= allowed).all(), f"{int((err > allowed).sum())} rows; worst excess {worst:.3g}"
+
+
+@pytest.mark.parametrize("N,V,k,p,greedy", [(1, 7, 3, 1.0, False), (73, 640, 50, 1.0, False),
+                                            (37, 641, 0, 0.8, False), (20, 151, 50, 1.0, True),
+                                            (5, 13, 5, 0.5, True)])
+def test_sample_rows_equals_the_torch_sampler(N, V, k, p, greedy):
+    """The engine's one-call C++ sampler (`_C.sample_rows`: scale, log-probs, suppression, draw or argmax,
+    forced tokens) against the torch path on fresh random logits: the same tokens (a uniform may land within
+    rounding of a CDF step: at most one row apart), the forced rows' tokens, log-probs within float32
+    error."""
+    logits = torch.randn(N, V) * 4
+    params = SamplingParams(temperature=0.7, top_k=k, top_p=p, greedy=greedy)
+    u = np.random.default_rng().random(N)
+    sup = torch.randperm(V)[:min(3, V - 1)]
+    forced = torch.where(torch.rand(N) < 0.3, torch.randint(0, V, (N,)), -1)
+    a, la = sample(logits, params, uniforms=u, suppress_ids=sup, forced=forced, impl="cpp")
+    b, lb = sample(logits, params, uniforms=u, suppress_ids=sup, forced=forced, impl="torch")
+    assert (a != b).sum() <= (0 if greedy else 1), int((a != b).sum())
+    drawn = forced < 0
+    assert torch.equal(a[~drawn], forced[~drawn]) and not torch.isin(a[drawn], sup).any()
+    _assert_logprobs_close(la, logits, 0.7, a)
+
+
+def test_sample_rows_rejects_bad_buffers_and_survives_nan_rows():
+    from videocom_fast import _C
+    x, u = np.random.default_rng().standard_normal((3, 5)).astype(np.float32), np.full(3, 0.5)
+    none, tok, lp = np.full(3, -1, np.int64), np.zeros(3, np.int64), np.zeros(3, np.float32)
+    ok = dict(logits=x, temperature=1.0, suppress=np.array([1]), u=u, forced=none, top_k=2, top_p=1.0,
+              greedy=False, tokens=tok, logprobs=lp)
+    for bad, match in [(dict(suppress=np.array([5])), "suppress: id 5 outside"),
+                       (dict(forced=np.array([-1, 5, -1])), "forced: row 1 holds id 5"),
+                       (dict(logprobs=np.zeros(3, np.float64)), "logprobs"), (dict(u=u[:2]), "u:"),
+                       (dict(temperature=0.0), "temperature"), (dict(logits=x.astype(np.float64)), "logits")]:
+        with pytest.raises(ValueError, match=match):
+            _C.sample_rows(**{**ok, **bad})
+    _C.sample_rows(**{**ok, "u": np.empty(0), "greedy": True})   # greedy needs no uniforms
+    best = x[:, [0, 2, 3, 4]].argmax(1)   # id 1 suppressed
+    assert np.array_equal(tok, np.where(best > 0, best + 1, 0))
+    x[1, 2] = np.nan   # a NaN logit: its row's log-prob is NaN (torch's log_softmax), the draw skips it
+    _C.sample_rows(**ok)
+    assert np.isnan(lp[1]) and not np.isnan(lp[[0, 2]]).any() and tok[1] not in (1, 2)
 
 
 def test_a_row_with_ties_changes_only_its_own_draw():

@@ -137,6 +137,12 @@ def paged_kv_write(k_pool: np.ndarray, v_pool: np.ndarray, slots: np.ndarray, k:
 def sample_logits(logits: np.ndarray, u: np.ndarray, top_k: int, top_p: float, out: np.ndarray) -> None:
     """csrc/cpu/sampling.cpp: one inverse-CDF draw per row of float32 logits (N, V) after top-k (ties kept, 0: off)
     then top-p, with the row's uniform u (N,) float64 in [0, 1); token ids into out (N,) int64."""
+def sample_rows(logits: np.ndarray, temperature: float, suppress: np.ndarray, u: np.ndarray, forced: np.ndarray,
+                top_k: int, top_p: float, greedy: bool, tokens: np.ndarray, logprobs: np.ndarray) -> None:
+    """csrc/cpu/sampling.cpp: rollout/sampling.py's `sample` in one call for float32 logits (N, V): per row
+    log_softmax(logits / T) at the token (before suppression and truncation) into logprobs (N,) float32, the
+    suppressed ids (S,) int64 excluded, then the argmax (greedy; u may be empty) or sample_logits' draw with u (N,)
+    float64, a forced id (N,) int64 >= 0 replacing it; ids into tokens (N,) int64."""
 def causal_softmax_(s: np.ndarray, r0: int, scale: float) -> None:
     """csrc/cpu/causal_softmax.cpp, in place on scores s (M, R, C) float32 / float64: softmax(scale * s) over
     the keys row i may see (j <= r0 + i), 0 past them (training/causal_attention.py's forward)."""

@@ -10,7 +10,6 @@
 // sub, mul), most of the time of a blocked attention on small heads; fused, each reads and writes a row once.
 // float32 rows run 8 lanes of exp_neg.h's polynomial (the paged-attention kernel's exp), float64 uses std::exp
 // (the path tests compare against). Rows run in parallel (OpenMP) when a block is large.
-#pragma GCC diagnostic ignored "-Wpsabi"   // 8-float vectors through inlined helpers in the baseline clone: no ABI use
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -23,6 +22,7 @@
 #include <type_traits>
 
 #include "check.h"
+#include "vec8.h"   // V8f / V8i, load8 / store8, VCF_CLONES_AVX2
 
 namespace py = pybind11;
 
@@ -30,21 +30,6 @@ namespace {
 
 #include "exp_neg.h"   // exp_neg_v (8 lanes), exp_neg (float: the polynomial; double: std::exp)
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define VCF_CLONES __attribute__((target_clones("avx2", "default")))   // 8 float lanes in ymm registers
-#else
-#define VCF_CLONES
-#endif
-
-typedef float V8f __attribute__((vector_size(32)));
-typedef int32_t V8i __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline V8f load8(const float* p) {
-  V8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-__attribute__((always_inline)) inline void store8(float* p, V8f v) { std::memcpy(p, &v, sizeof v); }
 __attribute__((always_inline)) inline float lane_sum(V8f v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
@@ -100,8 +85,8 @@ __attribute__((always_inline)) inline void softmax_backward_row(const T* p, T* d
 }
 
 // float32 rows through one clone per vector width (the loops above inlined into each)
-VCF_CLONES void softmax_row_f32(float* s, int64_t n, int64_t C, float scale) { softmax_row(s, n, C, scale); }
-VCF_CLONES void softmax_backward_row_f32(const float* p, float* dp, int64_t n, int64_t C, float scale) {
+VCF_CLONES_AVX2 void softmax_row_f32(float* s, int64_t n, int64_t C, float scale) { softmax_row(s, n, C, scale); }
+VCF_CLONES_AVX2 void softmax_backward_row_f32(const float* p, float* dp, int64_t n, int64_t C, float scale) {
   softmax_backward_row(p, dp, n, C, scale);
 }
 

@@ -7,7 +7,8 @@
 // all kept), then in ascending order drop the tokens whose cumulative probability stays <= 1 - top_p (the most
 // likely token always stays), then draw the first token whose cumulative probability exceeds u_n * total.
 // The CDF runs in the torch path's order (see draw_row), so both pick the same token for the same u except
-// where u_n falls within rounding (float32 there, float64 here) of a CDF step.
+// where u_n falls within rounding of a CDF step (both take float32 exps, here exp_neg.h's polynomial, ~1 ulp, and
+// sum them in float64; session 18: std::exp in float64 cost 0.3 us of a 3 us row at k = 50).
 // Why C++: the torch path costs ~10 small ops per engine step (topk, tie check, flips, softmax, cumsum,
 // searchsorted; ~1.2 ms for 128 x 640 logits measured); this is a guessed threshold checked by one vectorized
 // count, a vectorized selection of the k-th value among the candidates (kth_largest), and a sort of k integers.
@@ -24,11 +25,14 @@
 #include <vector>
 
 #include "check.h"
+#include "vec8.h"   // V8f / V8i, load8 / store8, VCF_CLONES_AVX2
 
 namespace py = pybind11;
 
 namespace vcf {
 namespace {
+
+#include "exp_neg.h"   // exp_neg_v: 8 lanes of the polynomial exp (the paged-attention kernel's)
 
 // Floats as int32 keys in the same order (negative floats mirrored): a selection by counting on ints.
 inline int32_t order_key(float v) {
@@ -173,7 +177,9 @@ int64_t draw_row(const float* x, int64_t V, int64_t top_k, double top_p, double 
   const double mx = kept.back().first;
   const size_t n = kept.size();
   e.resize(n);
-  auto fill_e = [&](size_t j0) { for (size_t j = j0; j < n; ++j) e[j] = std::exp((double)kept[j].first - mx); };
+  auto fill_e = [&](size_t j0) {
+    for (size_t j = j0; j < n; ++j) e[j] = exp_neg(static_cast<float>(kept[j].first - mx));
+  };
   fill_e(0);
   size_t first = 0;
   if (top_p < 1.0) {
@@ -230,6 +236,121 @@ void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, d
   }
 }
 
+// --- the engine step's whole sampler in one call (sample_rows) ------------------------------------------------
+
+// w = x / T (a true division in float32, as torch's `logits.float() / T`); returns log(sum_i exp(w_i - max)) + max,
+// the row's log-partition: exp in 8 lanes of exp_neg.h's polynomial (~1 ulp), the sum in float64. A NaN anywhere
+// makes it NaN (as torch's log_softmax); an all -inf row gives -inf.
+// Both passes in explicit 8-lane vectors: GCC keeps a float max reduction scalar without -ffast-math.
+VCF_CLONES_AVX2 double scale_logsumexp(const float* x, int64_t V, float T, float* w) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  V8f m8 = V8f{} + ninf;
+  V8i nan8{};
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const V8f v = load8(x + i) / T;
+    store8(w + i, v);
+    m8 = v > m8 ? v : m8;
+    nan8 |= v != v;
+  }
+  float mx = ninf;
+  bool nan = false;
+  for (int u = 0; u < 8; ++u) {
+    mx = m8[u] > mx ? m8[u] : mx;
+    nan |= nan8[u] != 0;
+  }
+  for (; i < V; ++i) {
+    const float v = x[i] / T;
+    w[i] = v;
+    mx = v > mx ? v : mx;
+    nan |= v != v;
+  }
+  if (nan) return std::numeric_limits<double>::quiet_NaN();
+  if (mx == ninf) return mx;
+  V8f acc{};
+  i = 0;
+  for (; i + 8 <= V; i += 8) {
+    acc += exp_neg_v<V8f, V8i>(load8(w + i) - mx);
+  }
+  double total = 0;
+  for (int u = 0; u < 8; ++u) total += acc[u];
+  for (; i < V; ++i) total += exp_neg(w[i] - mx);
+  return static_cast<double>(mx) + std::log(total);
+}
+
+// The first index of the largest value (a NaN counts as the largest, the first NaN wins: torch's argmax).
+int64_t argmax_row(const float* w, int64_t V) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < V; ++i) {
+    const float b = w[best], v = w[i];
+    if (b != b) break;
+    if (v > b || v != v) best = i;
+  }
+  return best;
+}
+
+// sampling.py's `sample` for CPU float32 logits in one call: per row, w = logits / T, the log-partition of w (the
+// log-prob is taken BEFORE suppression and truncation, as the trainer computes it), the suppressed ids set to
+// -inf, then the argmax (greedy) or draw_row's top-k / top-p draw with the row's uniform, a forced token (>= 0)
+// replacing it, and the log-prob of the token kept. Why: the torch path is ~8 ATen calls per step (divide,
+// log_softmax, index_fill, the draw, where, gather, their conversions), each with its dispatch cost.
+void sample_rows(const py::array& logits, double temperature, const py::array& suppress, const py::array& u,
+                 const py::array& forced, int64_t top_k, double top_p, bool greedy, py::array& tokens,
+                 py::array& logprobs) {
+  VCF_CHECK(logits.ndim() == 2 && (logits.flags() & py::array::c_style), "logits: expected a contiguous (N, V) array");
+  VCF_CHECK(logits.dtype().kind() == 'f' && logits.itemsize() == 4, "logits: expected float32");
+  const int64_t N = logits.shape(0), V = logits.shape(1);
+  VCF_CHECK(V >= 1 && V < (int64_t(1) << 31), "logits: vocabulary size must be in [1, 2^31)");
+  VCF_CHECK(temperature > 0.0, "temperature: must be > 0");
+  auto vec = [&](const py::array& a, char kind, int64_t n, const char* what) {
+    VCF_CHECK(a.ndim() == 1 && a.shape(0) == n && (a.flags() & py::array::c_style) && a.dtype().kind() == kind &&
+                  a.itemsize() == 8, std::string(what) + ": expected a contiguous 1-d array of " + std::to_string(n) +
+                  (kind == 'f' ? " float64" : " int64") + " values");
+  };
+  vec(u, 'f', greedy ? u.shape(0) : N, "u");
+  vec(forced, 'i', N, "forced");
+  vec(suppress, 'i', suppress.ndim() == 1 ? suppress.shape(0) : -1, "suppress");
+  vec(tokens, 'i', N, "tokens");
+  VCF_CHECK(tokens.writeable(), "tokens: expected a writable array");
+  VCF_CHECK(logprobs.ndim() == 1 && logprobs.shape(0) == N && (logprobs.flags() & py::array::c_style) &&
+                logprobs.writeable() && logprobs.dtype().kind() == 'f' && logprobs.itemsize() == 4,
+            "logprobs: expected a writable contiguous float32 (N,) array");
+  VCF_CHECK(top_k >= 0, "top_k: must be >= 0 (0: no top-k)");
+  VCF_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p: must be in (0, 1]");
+  const float* x = static_cast<const float*>(logits.data());
+  const double* up = static_cast<const double*>(u.data());
+  const int64_t* fp = static_cast<const int64_t*>(forced.data());
+  const int64_t* sp = static_cast<const int64_t*>(suppress.data());
+  const int64_t S = suppress.shape(0);
+  for (int64_t j = 0; j < S; ++j) VCF_CHECK(sp[j] >= 0 && sp[j] < V, "suppress: id " + std::to_string(sp[j]) +
+                                            " outside the vocabulary [0, " + std::to_string(V) + ")");
+  for (int64_t n = 0; n < N; ++n) {
+    VCF_CHECK(fp[n] < V, "forced: row " + std::to_string(n) + " holds id " + std::to_string(fp[n]) + " >= V " +
+                             std::to_string(V));
+    VCF_CHECK(greedy || (up[n] >= 0.0 && up[n] < 1.0), "u: row " + std::to_string(n) + " outside [0, 1)");
+  }
+  int64_t* tok = static_cast<int64_t*>(tokens.mutable_data());
+  float* lp = static_cast<float*>(logprobs.mutable_data());
+  const float T = static_cast<float>(temperature);
+  py::gil_scoped_release release;
+#pragma omp parallel if (N >= 16)
+  {
+    Scratch scratch;
+    std::vector<float> w(V);
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t n = 0; n < N; ++n) {
+      const double lse = scale_logsumexp(x + n * V, V, T, w.data());
+      int64_t t = fp[n];
+      if (t < 0) {
+        for (int64_t j = 0; j < S; ++j) w[sp[j]] = -std::numeric_limits<float>::infinity();
+        t = greedy ? argmax_row(w.data(), V) : draw_row(w.data(), V, top_k, top_p, up[n], scratch);
+      }
+      tok[n] = t;
+      lp[n] = static_cast<float>(static_cast<double>(x[n * V + t] / T) - lse);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace vcf
 
@@ -238,4 +359,11 @@ void register_sampling(py::module_& m) {
         py::arg("out"),
         "One inverse-CDF draw per row of float32 logits (N, V) after top-k (ties kept) then top-p, with the row's "
         "uniform u (N,) float64 in [0, 1); token ids into out (N,) int64.");
+  m.def("sample_rows", &vcf::sample_rows, py::arg("logits"), py::arg("temperature"), py::arg("suppress"),
+        py::arg("u"), py::arg("forced"), py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("tokens"),
+        py::arg("logprobs"),
+        "The engine's sampler in one call: per row of float32 logits (N, V), log_softmax(logits / T) at the token "
+        "(before suppression and truncation), the suppressed ids (S,) int64 excluded, then the argmax (greedy) or "
+        "the top-k / top-p draw with u (N,) float64, a forced id (N,) int64 (>= 0) replacing it; ids into tokens "
+        "(N,) int64, log-probs into logprobs (N,) float32.");
 }

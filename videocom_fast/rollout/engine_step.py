@@ -156,9 +156,11 @@ class EngineStep:
         tokens, lps = sample(logits, self.params, suppress_ids=self.suppress_ids,
                              uniforms=None if greedy else dev[o_u:o_u + W].view(torch.float64),
                              forced=dev[o_forced:o_u] if forced is not None else None)
+        self.stats["generated_tokens"] += W
+        if tokens.device.type == "cpu":   # the CPU sampler's own output buffers: nothing to download
+            return self._on_tokens(who, tokens.numpy(), lps.numpy())
         # the step's one download (and its one sync): ids as float64 (exact below 2^53) beside their log-probs
         tok_lp = torch.stack((tokens.to(torch.float64), lps.to(torch.float64))).cpu().numpy()
-        self.stats["generated_tokens"] += W
         self._on_tokens(who, tok_lp[0].astype(np.int64), tok_lp[1])
 
     def _on_tokens(self, who, toks, lps) -> None:

@@ -20,8 +20,9 @@ which other sequences happen to share its engine step:
 - counter-based uniforms (`rollout_key` + `counter_uniforms`): u = splitmix64(key + (counter + 1) * golden)
   with counter = the number of tokens of the sequence so far. The engine uses these: one vectorised numpy
   call per step instead of one generator call per row (~6 us each, ~20k per bench run).
-The draw itself runs in C++ (`_C.sample_logits`, csrc/cpu/sampling.cpp) for CPU float32 logits when the
-extension is built, else in torch; same distribution (tests/test_sampling.py compares the two).
+For CPU float32 logits the whole sampler is one C++ call when the extension is built (`_C.sample_rows`,
+csrc/cpu/sampling.cpp: scaling, log-probs, suppression, draw, forced tokens), else torch; same distribution
+and the same token for the same uniform (tests/test_sampling.py compares the two).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
     [0, 1) (ignored when greedy): a numpy array (checked here) or a float64 tensor on the logits' device (the
     engine's uploaded step metadata; its host copy was checked when it was built). `forced` (N,) int64: where
     >= 0, that token replaces the draw (scripted rounds) and its log-prob is returned, computed the same way.
-    `impl`: "auto" (C++ draw when it applies), "cpp", "torch".
+    `impl`: "auto" (the one-call C++ sampler for CPU float32 logits when built), "cpp" (require it), "torch".
     Sync-free on devices other than the CPU (no host read of a device value): the engine's step relies on it."""
     if logits_NV.ndim != 2:
         raise ValueError(f"sample: logits must be (N, V), got shape {tuple(logits_NV.shape)}")
@@ -122,6 +123,10 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
                          f"{None if generators is None else len(generators)}")
     if forced is not None and (forced.shape != (N,) or forced.dtype != torch.int64):
         raise ValueError(f"sample: forced must be int64 (N,) = ({N},), got {forced.dtype} {tuple(forced.shape)}")
+    if impl != "torch" and _cpp_draw_ok(logits_NV):
+        return _sample_rows(logits_NV, params, generators, suppress_ids, uniforms, forced)
+    if impl == "cpp":
+        raise ValueError("sample: impl='cpp' needs CPU float32 logits and the built videocom_fast._C")
     # log_softmax itself (not x - logsumexp, which rounds differently): bit-equal to the trainer's log-probs;
     # taken first, so the suppressed ids can then be set to -inf in place (the division made a new tensor)
     work = logits_NV.float() / params.temperature
@@ -140,14 +145,7 @@ def sample(logits_NV: torch.Tensor, params: SamplingParams, generators: list[tor
         else:
             u = torch.stack([torch.rand((), generator=g, device=work.device, dtype=torch.float64) for g in generators])
         tokens = None
-        if impl != "torch" and _cpp_draw_ok(work):
-            from videocom_fast import _C
-            tokens = torch.empty(N, dtype=torch.long)
-            _C.sample_logits(work.contiguous().numpy(), u.numpy(), params.top_k or 0, float(params.top_p),
-                             tokens.numpy())
-        elif impl == "cpp":
-            raise ValueError("sample: impl='cpp' needs CPU float32 logits and the built videocom_fast._C")
-        elif _top_k_only_applies(work, params):
+        if _top_k_only_applies(work, params):
             tokens, ties_N = _draw_top_k(work, params, u)
             # rows with ties at the k-th value take the full-vocabulary draw, the others keep theirs (the C++
             # draw decides per row too: same u, same token). On the CPU the full draw runs only when some row
@@ -168,7 +166,32 @@ def _cpp_draw_ok(work_NV: torch.Tensor) -> bool:
         from videocom_fast import _C
     except ImportError:
         return False
-    return hasattr(_C, "sample_logits")
+    return hasattr(_C, "sample_rows")
+
+
+_NONE = np.empty(0, dtype=np.int64)
+
+
+def _sample_rows(logits_NV, params, generators, suppress_ids, uniforms, forced):
+    """`sample` for CPU float32 logits: one C++ call (csrc/cpu/sampling.cpp `sample_rows`) for the whole step:
+    the scaling, the log-probs, the suppression, the draw (or argmax) and the forced tokens. Log-probs within
+    a few float32 ulps of the torch path's log_softmax (another exp and summation order; test_sampling.py)."""
+    from videocom_fast import _C
+    N = logits_NV.shape[0]
+    if params.greedy:
+        u = np.empty(0)
+    elif isinstance(uniforms, torch.Tensor):
+        u = np.ascontiguousarray(uniforms.numpy())
+    elif uniforms is not None:
+        u = uniforms
+    else:
+        u = np.array([torch.rand((), generator=g, dtype=torch.float64).item() for g in generators])
+    tokens, lps = torch.empty(N, dtype=torch.int64), torch.empty(N, dtype=torch.float32)
+    sup = _NONE if suppress_ids is None else np.ascontiguousarray(suppress_ids.cpu().numpy(), dtype=np.int64)
+    forced = np.full(N, -1, dtype=np.int64) if forced is None else np.ascontiguousarray(forced.numpy())
+    _C.sample_rows(logits_NV.detach().contiguous().numpy(), float(params.temperature), sup, u, forced,
+                   params.top_k or 0, float(params.top_p), params.greedy, tokens.numpy(), lps.numpy())
+    return tokens, lps
 
 
 def _search(cdf_NK: torch.Tensor, u_N: torch.Tensor) -> torch.Tensor:
