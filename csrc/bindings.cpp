@@ -10,6 +10,7 @@ void register_kernels(py::module_& m);    // csrc/cpu/bind_kernels.cpp
 void register_attention(py::module_& m);  // csrc/cpu/paged_attention.cpp
 void register_sampling(py::module_& m);   // csrc/cpu/sampling.cpp
 void register_causal_softmax(py::module_& m);  // csrc/cpu/causal_softmax.cpp
+void register_hand_off(py::module_& m);   // csrc/scheduler/hand_off.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "videocom_fast C++ core: protocol, rollout scheduler, CPU kernels (torch-free)";
@@ -29,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
   register_attention(m);
   register_sampling(m);
   register_causal_softmax(m);
+  register_hand_off(m);
 }

@@ -13,7 +13,7 @@ from helpers_op_count import KernelOpCounter
 from helpers_rollout import env_factory, forced_scripts, rollout_samples, tiny_dir  # noqa: F401
 from videocom_fast import modeling
 from videocom_fast.models import load
-from videocom_fast.rollout import RolloutEngine, packed_forward
+from videocom_fast.rollout import RolloutEngine, engine_step, packed_forward
 
 MAX_OPS_PER_LAYER = 12
 
@@ -58,20 +58,58 @@ def test_unfused_step_counts_more_kernels(model32, rollout_samples):
     assert ops["unfused"] > 2 * ops["lean"], ops
 
 
-def test_lean_and_unfused_steps_give_the_same_rollouts(tiny_dir, rollout_samples):
-    """Greedy float64 token ids equal; sampled float32 log-probs within rounding (same uniforms, same draws)."""
+def test_lean_and_unfused_steps_give_the_same_rollouts(tiny_dir, rollout_samples, monkeypatch):
+    """Greedy float64 token ids equal; sampled float32 log-probs within rounding (same uniforms, same draws).
+    The lean step hands its tokens over in C++ (`_C.hand_off`) and, as without the extension, with numpy; the
+    unfused step one token at a time through `_on_token`."""
     samples = rollout_samples[:2]
+    c_hand_off = engine_step._hand_off
+    assert c_hand_off is not None, "videocom_fast._C is built for the tests"
     for dtype, greedy in ((torch.float64, True), (torch.float32, False)):
         model, proc = load(tiny_dir, dtype=dtype)
         eng = _engine(model, proc, samples, max_batch_tokens=96)   # chunked prefills too
         out = {}
-        for impl in ("unfused", "lean"):
+        for impl, hand_off in (("unfused", None), ("lean", c_hand_off), ("lean", None)):
+            monkeypatch.setattr(engine_step, "_hand_off", hand_off)
             eng.step_impl = impl
-            out[impl] = [t for g in eng.generate(samples, num_generations=3, greedy=greedy, seed=5) for t in g]
-        for a, b in zip(out["lean"], out["unfused"]):
-            assert a.token_ids == b.token_ids
-            assert a.generated_mask == b.generated_mask
-            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+            trajs = eng.generate(samples, num_generations=3, greedy=greedy, seed=5)
+            out[impl, hand_off is None] = [t for g in trajs for t in g]
+        for key in (("lean", False), ("lean", True)):
+            for a, b in zip(out[key], out["unfused", True], strict=True):
+                assert a.token_ids == b.token_ids, key
+                assert a.generated_mask == b.generated_mask
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5,
+                                           rtol=0)
+
+
+def test_cpp_hand_off_appends_plain_tokens_and_returns_the_others():
+    """`_C.hand_off` on a hand-made state: a plain token is appended (round arrays, counters, scheduler id), a
+    token that may end its round, one not classified yet and one at the round's last allowed place are
+    returned; bad buffers are refused by name."""
+    import numpy as np
+
+    from videocom_fast import _C
+    S, width = 4, 6
+    cols = {f: np.zeros(S, np.int64) for f in ("pend", "rl", "npos", "ntok", "known", "last")}
+    sid = np.array([10, 11, 12, 13])
+    cols["rl"][3] = 4      # slot 3: its next token is the round's last allowed (max_new 5)
+    rt_tok, rt_lp, rt_gen = np.zeros((S, width), np.int64), np.zeros((S, width)), np.zeros((S, width), bool)
+    may_end = np.array([0, 1, -1, 0], np.int8)   # id 1 may end a round, id 2 not classified, ids >= 4 unknown
+    who, toks, lps = np.array([0, 1, 2, 3, 0 + 1]), np.array([3, 1, 2, 0, 7]), np.array([-.5, -1, -2, -3, -4])
+    state = (sid, *cols.values(), rt_tok, rt_lp, rt_gen)
+    end, sids = _C.hand_off(who[:4], toks[:4], lps[:4], may_end, 5, *state)
+    assert end.tolist() == [1, 2, 3] and sids.tolist() == [10]
+    assert rt_tok[0, 0] == 3 and rt_lp[0, 0] == -0.5 and rt_gen[0, 0] and not rt_gen[1:].any()
+    assert [int(cols[f][0]) for f in ("pend", "rl", "npos", "ntok", "known", "last")] == [1, 1, 1, 1, 1, 3]
+    assert all(int(cols[f][1:].sum()) == 4 * (f == "rl") for f in cols)
+    end, _ = _C.hand_off(who[4:], toks[4:], lps[4:], may_end, 5, *state)
+    assert end.tolist() == [0]                        # id 7: past the table
+    args = [who[:1], toks[:1], lps[:1], may_end, 5, *state]
+    for i, bad, match in [(-1, rt_gen.astype(np.int32), "rt_gen"), (0, np.array([4]), "who: slot 4"),
+                          (6, sid[:2], "pend"), (-3, rt_tok[:, :2], "rt_tok"),
+                          (-2, np.zeros((S, 2)), "rt_lp")]:
+        with pytest.raises(ValueError, match=match):
+            _C.hand_off(*[bad if k == (i % len(args)) else a for k, a in enumerate(args)])
 
 
 def test_fused_weights_are_rebuilt_after_a_weight_update(model32):

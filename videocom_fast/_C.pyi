@@ -152,3 +152,11 @@ def crop_resize_patchify_cuda(frames: list[tuple[int, int, int, int, int, int]],
                               sizes: list[tuple[int, int]], modes: list[int], lut: int, out: int, rows: int,
                               elem_size: int, stream: int) -> None:
     """Only when built with CUDA (with_cuda): device pointers; frames[i] = (ptr, T, H, W, frame_stride, row_stride)."""
+def hand_off(who: np.ndarray, toks: np.ndarray, lps: np.ndarray, may_end: np.ndarray, max_new: int, sid: np.ndarray,
+             pend: np.ndarray, rl: np.ndarray, npos: np.ndarray, ntok: np.ndarray, known: np.ndarray,
+             last: np.ndarray, rt_tok: np.ndarray, rt_lp: np.ndarray, rt_gen: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """csrc/scheduler/hand_off.cpp: the engine step's token hand-off (rollout/engine_step.py `_on_tokens`):
+    each token (W,) at slot who[k] that cannot end its round (may_end[tok] == 0, int8 table; round length <
+    max_new - 1) is appended to its slot's round arrays (engine._SeqState); returns (end: the indices of the
+    other tokens, in order; sids: the appended tokens' scheduler ids)."""

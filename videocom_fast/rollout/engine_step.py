@@ -6,8 +6,8 @@ positions, KV slots, per-chunk metadata and media rows, the decodes gathered at 
 arrays (engine._SeqState: last token, next position, ...), prefill chunks from their sequence's lists;
 `_step` (the lean step) does all host bookkeeping first, then ONE upload, `_forward` (embeddings, the packed
 or transformers text forward, lm_head on the sampling rows), the sampler on the device and ONE download;
-`_on_tokens` appends the tokens that end nothing to their slots' round arrays at once, the others go through
-the engine's `_on_token`. `_step_unfused` is the previous step (per-tensor uploads, per-token hand-off), kept
+`_on_tokens` appends the tokens that end nothing to their slots' round arrays at once (one C++ call,
+`_C.hand_off`), the others go through the engine's `_on_token`. `_step_unfused` is the previous step (per-tensor uploads, per-token hand-off), kept
 as bench/bench_engine_step.py's baseline and running the same `_forward`.
 """
 from __future__ import annotations
@@ -23,6 +23,11 @@ from . import packed_forward
 from .kv_cache import StepCache
 from .sampling import counter_uniforms, sample
 from .stopping import has_line_break
+
+try:   # the C++ token hand-off (csrc/scheduler/hand_off.cpp); numpy when the extension is not built
+    from videocom_fast._C import hand_off as _hand_off
+except ImportError:
+    _hand_off = None
 
 
 class EngineStep:
@@ -167,24 +172,33 @@ class EngineStep:
         """Hand the sampled tokens (W,) to their sequences (slots `who`). Most tokens end nothing: they are
         appended to their slot's round arrays at once and the scheduler learns of them in one call; a token
         that may end its round (<|im_end|>, a line break, the round's last allowed token) goes through
-        `_on_token`."""
+        `_on_token`. The C++ hand-off (`_C.hand_off`) when built, else numpy (the same writes)."""
         A = self.seq_state
-        end = self._may_end_of(toks) | (A.rl[who] >= self.max_new_tokens - 1)
-        plain = ~end
-        if plain.any():
-            r, t = who[plain], toks[plain]
-            j = A.pend[r]
-            A.rt_tok[r, j], A.rt_lp[r, j], A.rt_gen[r, j] = t, lps[plain], True
-            A.last[r] = t
-            for f in (A.pend, A.rl, A.npos, A.ntok, A.known):
-                f[r] += 1
-            self.sched.append_one_each(A.sid[r])
-        for k in np.flatnonzero(end).tolist():
+        self._classify(toks)
+        if _hand_off is not None:
+            end, sids = _hand_off(who, toks, lps, self._may_end, self.max_new_tokens, A.sid, A.pend, A.rl,
+                                  A.npos, A.ntok, A.known, A.last, A.rt_tok, A.rt_lp, A.rt_gen)
+            if len(sids):
+                self.sched.append_one_each(sids)
+        else:
+            may_end = self._may_end[toks].view(bool)
+            end = np.flatnonzero(may_end | (A.rl[who] >= self.max_new_tokens - 1))
+            plain = np.ones(len(who), dtype=bool)
+            plain[end] = False
+            if plain.any():
+                r, t = who[plain], toks[plain]
+                j = A.pend[r]
+                A.rt_tok[r, j], A.rt_lp[r, j], A.rt_gen[r, j] = t, lps[plain], True
+                A.last[r] = t
+                for f in (A.pend, A.rl, A.npos, A.ntok, A.known):
+                    f[r] += 1
+                self.sched.append_one_each(A.sid[r])
+        for k in end.tolist():
             self._on_token(self._seq_at[int(who[k])], int(toks[k]), float(lps[k]))
 
-    def _may_end_of(self, toks: np.ndarray) -> np.ndarray:
-        """(W,) bool: may each token end its round (<|im_end|>, or its text holds a line break)? One lookup
-        in a vocabulary table (1 / 0, -1: not seen yet) filled as tokens are first seen."""
+    def _classify(self, toks: np.ndarray) -> None:
+        """Make `self._may_end` (a vocabulary table: 1 / 0, -1 not seen yet) cover `toks`: may each end its
+        round (<|im_end|>, or its text holds a line break)? Filled as tokens are first seen."""
         tab, top = self._may_end, int(toks.max(initial=0))
         if tab is None or top >= len(tab):
             size = max(top + 1, 2 * len(tab) if tab is not None else 1024)
@@ -196,8 +210,6 @@ class EngineStep:
         if m.min(initial=0) < 0:
             for t in np.unique(toks[m < 0]).tolist():
                 tab[t] = t == self.chat.im_end or has_line_break(self._piece(t))
-            m = tab[toks]
-        return m.view(bool)
 
     def _forward(self, ids_L, pos_3L, slots_L, meta, media_rows, head_rows):
         """The step's model work, shared by both step implementations: embeddings (media rows scattered in), the
