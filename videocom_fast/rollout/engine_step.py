@@ -7,8 +7,9 @@ arrays (engine._SeqState: last token, next position, ...), prefill chunks from t
 `_step` (the lean step) does all host bookkeeping first, then ONE upload, `_forward` (embeddings, the packed
 or transformers text forward, lm_head on the sampling rows), the sampler on the device and ONE download;
 `_on_tokens` appends the tokens that end nothing to their slots' round arrays at once (one C++ call,
-`_C.hand_off`), the others go through the engine's `_on_token`. `_step_unfused` is the previous step (per-tensor uploads, per-token hand-off), kept
-as bench/bench_engine_step.py's baseline and running the same `_forward`.
+`_C.hand_off`), the others go through the engine's `_on_token`. `_step_unfused` is the previous step
+(per-tensor uploads, per-token hand-off), kept as bench/bench_engine_step.py's baseline and running the same
+`_forward`.
 """
 from __future__ import annotations
 
