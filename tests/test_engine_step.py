@@ -107,7 +107,7 @@ def test_cpp_hand_off_appends_plain_tokens_and_returns_the_others():
     args = [who[:1], toks[:1], lps[:1], may_end, 5, *state]
     for i, bad, match in [(-1, rt_gen.astype(np.int32), "rt_gen"), (0, np.array([4]), "who: slot 4"),
                           (6, sid[:2], "pend"), (-3, rt_tok[:, :2], "rt_tok"),
-                          (-2, np.zeros((S, 2)), "rt_lp")]:
+                          (-2, np.zeros((S, 2)), "rt_lp"), (7, np.zeros(S), "rl")]:
         with pytest.raises(ValueError, match=match):
             _C.hand_off(*[bad if k == (i % len(args)) else a for k, a in enumerate(args)])
 

@@ -210,11 +210,18 @@ int64_t draw_row(const float* x, int64_t V, int64_t top_k, double top_p, double 
   return kept.back().second;
 }
 
-void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, double top_p, py::array& out) {
+// (N, V) of a contiguous float32 logits array, checked (both draws' entry points).
+std::pair<int64_t, int64_t> logits_shape(const py::array& logits) {
   VCF_CHECK(logits.ndim() == 2 && (logits.flags() & py::array::c_style), "logits: expected a contiguous (N, V) array");
   VCF_CHECK(logits.dtype().kind() == 'f' && logits.itemsize() == 4, "logits: expected float32");
-  const int64_t N = logits.shape(0), V = logits.shape(1);
+  const int64_t V = logits.shape(1);
   VCF_CHECK(V >= 1 && V < (int64_t(1) << 31), "logits: vocabulary size must be in [1, 2^31)");
+  return {logits.shape(0), V};
+}
+
+void sample_logits(const py::array& logits, const py::array& u, int64_t top_k, double top_p, py::array& out) {
+  const auto shape = logits_shape(logits);
+  const int64_t N = shape.first, V = shape.second;
   VCF_CHECK(u.ndim() == 1 && u.shape(0) == N && (u.flags() & py::array::c_style) && u.dtype().kind() == 'f' &&
                 u.itemsize() == 8, "u: expected a contiguous float64 (N,) array");
   VCF_CHECK(out.ndim() == 1 && out.shape(0) == N && (out.flags() & py::array::c_style) && out.writeable() &&
@@ -297,10 +304,8 @@ int64_t argmax_row(const float* w, int64_t V) {
 void sample_rows(const py::array& logits, double temperature, const py::array& suppress, const py::array& u,
                  const py::array& forced, int64_t top_k, double top_p, bool greedy, py::array& tokens,
                  py::array& logprobs) {
-  VCF_CHECK(logits.ndim() == 2 && (logits.flags() & py::array::c_style), "logits: expected a contiguous (N, V) array");
-  VCF_CHECK(logits.dtype().kind() == 'f' && logits.itemsize() == 4, "logits: expected float32");
-  const int64_t N = logits.shape(0), V = logits.shape(1);
-  VCF_CHECK(V >= 1 && V < (int64_t(1) << 31), "logits: vocabulary size must be in [1, 2^31)");
+  const auto shape = logits_shape(logits);
+  const int64_t N = shape.first, V = shape.second;
   VCF_CHECK(temperature > 0.0, "temperature: must be > 0");
   auto vec = [&](const py::array& a, char kind, int64_t n, const char* what) {
     VCF_CHECK(a.ndim() == 1 && a.shape(0) == n && (a.flags() & py::array::c_style) && a.dtype().kind() == kind &&

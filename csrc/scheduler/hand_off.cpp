@@ -19,25 +19,25 @@ namespace {
 template <typename T>
 T* column(py::array& a, int64_t rows, const char* name) {
   VCF_CHECK(a.ndim() == 1 && a.shape(0) >= rows && (a.flags() & py::array::c_style) && a.writeable() &&
-                a.itemsize() == sizeof(T),
-            std::string(name) + ": expected a writable contiguous 1-d array of " + std::to_string(sizeof(T)) +
-                "-byte values, at least " + std::to_string(rows) + " long");
+                a.dtype().equal(py::dtype::of<T>()),
+            std::string(name) + ": expected a writable contiguous 1-d " + std::string(py::str(py::dtype::of<T>())) +
+                " array, at least " + std::to_string(rows) + " long");
   return static_cast<T*>(a.mutable_data());
 }
 
 template <typename T>
 T* table(py::array& a, int64_t rows, int64_t width, const char* name) {
   VCF_CHECK(a.ndim() == 2 && a.shape(0) >= rows && a.shape(1) == width && (a.flags() & py::array::c_style) &&
-                a.writeable() && a.itemsize() == sizeof(T),
-            std::string(name) + ": expected a writable contiguous (slots, width) array of " +
-                std::to_string(sizeof(T)) + "-byte values");
+                a.writeable() && a.dtype().equal(py::dtype::of<T>()),
+            std::string(name) + ": expected a writable contiguous (slots, width) " +
+                std::string(py::str(py::dtype::of<T>())) + " array");
   return static_cast<T*>(a.mutable_data());
 }
 
 // who (W,) slots, toks (W,) ids, lps (W,) log-probs; may_end (T,) int8: 1 a token that may end a round, 0 one
-// that cannot, -1 not classified yet (ids >= T too: both go to the Python path, which classifies them). A token
-// ends nothing when it cannot end a round and its round has room (rl < max_new - 1). Returns (end: the indices
-// k of the others, in order; sids: the scheduler ids of the appended ones, for Scheduler.append_one_each).
+// that cannot, -1 not classified yet (ids >= T too: both take the per-token Python path, which needs no table).
+// A token ends nothing when it cannot end a round and its round has room (rl < max_new - 1). Returns (end: the
+// indices k of the others, in order; sids: the scheduler ids of the appended ones, for append_one_each).
 py::tuple hand_off(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& who,
                    const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& toks,
                    const py::array_t<double, py::array::c_style | py::array::forcecast>& lps,

@@ -364,7 +364,7 @@ class RolloutEngine(EngineStep):
         self.suppress_ids = torch.tensor([c.vision_start, c.vision_end, c.image_pad, c.video_pad, c.im_start],
                                          device=self.device)
         self._pieces: dict[int, str] = {}
-        self._may_end: np.ndarray | None = None   # token id -> may it end a round? 1 / 0, -1: not seen yet
+        self._may_end = np.full(1024, -1, dtype=np.int8)   # token id -> may it end a round? 1 / 0, -1: unseen
         self._vision_fwd = None   # vision_forward.VisionForward, kept across generate() calls (grid-plan cache)
         self.stats: dict = {}
 

@@ -175,17 +175,17 @@ class EngineStep:
         that may end its round (<|im_end|>, a line break, the round's last allowed token) goes through
         `_on_token`. The C++ hand-off (`_C.hand_off`) when built, else numpy (the same writes)."""
         A = self.seq_state
-        self._classify(toks)
-        if _hand_off is not None:
+        if _hand_off is not None:   # a token not classified yet takes the per-token path, then is classified
             end, sids = _hand_off(who, toks, lps, self._may_end, self.max_new_tokens, A.sid, A.pend, A.rl,
                                   A.npos, A.ntok, A.known, A.last, A.rt_tok, A.rt_lp, A.rt_gen)
             if len(sids):
                 self.sched.append_one_each(sids)
+            if len(end):
+                self._classify(toks[end])
         else:
-            may_end = self._may_end[toks].view(bool)
-            end = np.flatnonzero(may_end | (A.rl[who] >= self.max_new_tokens - 1))
-            plain = np.ones(len(who), dtype=bool)
-            plain[end] = False
+            self._classify(toks)
+            ends = self._may_end[toks].view(bool) | (A.rl[who] >= self.max_new_tokens - 1)
+            end, plain = np.flatnonzero(ends), ~ends
             if plain.any():
                 r, t = who[plain], toks[plain]
                 j = A.pend[r]
@@ -201,11 +201,9 @@ class EngineStep:
         """Make `self._may_end` (a vocabulary table: 1 / 0, -1 not seen yet) cover `toks`: may each end its
         round (<|im_end|>, or its text holds a line break)? Filled as tokens are first seen."""
         tab, top = self._may_end, int(toks.max(initial=0))
-        if tab is None or top >= len(tab):
-            size = max(top + 1, 2 * len(tab) if tab is not None else 1024)
-            old, tab = tab, np.full(size, -1, dtype=np.int8)
-            if old is not None:
-                tab[:len(old)] = old
+        if top >= len(tab):
+            old, tab = tab, np.full(max(top + 1, 2 * len(tab)), -1, dtype=np.int8)
+            tab[:len(old)] = old
             self._may_end = tab
         m = tab[toks]
         if m.min(initial=0) < 0:
