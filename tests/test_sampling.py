@@ -162,6 +162,26 @@ def test_counter_uniforms_are_a_function_of_key_and_counter():
     assert np.corrcoef(stream[:-1], stream[1:])[0, 1] < 0.02
 
 
+def test_cpp_gather_uniforms_equal_counter_uniforms_bit_for_bit():
+    from videocom_fast import _C
+    rng = np.random.default_rng()
+    S, W = 37, 61
+    key = rng.integers(0, 2**64, S, dtype=np.uint64, endpoint=False)
+    ntok = rng.integers(0, 2**62, S, dtype=np.int64)
+    ntok[:3] = (0, 1, 2**63 - 1)                       # the wrap of ntok + 1 as uint64 included
+    who = rng.integers(0, S, W, dtype=np.int64)        # repeats, any order
+    out = np.full(W, -1.0)
+    _C.gather_uniforms(who, key, ntok, out)
+    np.testing.assert_array_equal(out, counter_uniforms(key[who], ntok[who]))
+    _C.gather_uniforms(who[:0], key, ntok, out[:0])
+    for args, what in (((np.array([S]), key, ntok, out[:1]), "who: slot 37"),
+                       ((who, key.astype(np.int64), ntok, out), "key"),
+                       ((who, key, ntok, out[:-1]), "out"),
+                       ((who, key, ntok, out.astype(np.float32)), "out")):
+        with pytest.raises(ValueError, match=what):
+            _C.gather_uniforms(*args)
+
+
 def test_cpp_draw_rejects_bad_buffers():
     from videocom_fast import _C
     x, u, out = np.zeros((3, 5), np.float32), np.full(3, 0.5), np.zeros(3, np.int64)

@@ -92,9 +92,36 @@ py::tuple hand_off(const py::array_t<int64_t, py::array::c_style | py::array::fo
   return py::make_tuple(as_array(end), as_array(sids));
 }
 
+uint64_t splitmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// out[k] = sampling.counter_uniforms(key[who[k]], ntok[who[k]]), bit for bit: the step's uniforms written straight
+// into its staging buffer (the numpy version is ~15 array calls, ~0.05 ms a step).
+void gather_uniforms(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& who, py::array& key,
+                     py::array& ntok, py::array& out) {
+  const int64_t W = who.size(), S = key.ndim() == 1 ? key.shape(0) : 0;
+  VCF_CHECK(who.ndim() == 1, "who: expected a 1-d array of slots");
+  const auto* k_p = column<uint64_t>(key, S, "key");
+  const auto* n_p = column<int64_t>(ntok, S, "ntok");
+  auto* o_p = column<double>(out, W, "out");
+  VCF_CHECK(out.shape(0) == W, "out: expected " + std::to_string(W) + " float64 values, got " +
+                                   std::to_string(out.shape(0)));
+  const int64_t* w = who.data();
+  for (int64_t k = 0; k < W; ++k) {
+    VCF_CHECK(w[k] >= 0 && w[k] < S, "who: slot " + std::to_string(w[k]) + " outside [0, " + std::to_string(S) + ")");
+    const uint64_t z = k_p[w[k]] + (static_cast<uint64_t>(n_p[w[k]]) + 1) * 0x9E3779B97F4A7C15ULL;
+    o_p[k] = static_cast<double>(splitmix64(z) >> 11) * 0x1.0p-53;
+  }
+}
+
 }  // namespace
 
 void register_hand_off(py::module_& m) {
+  m.def("gather_uniforms", &gather_uniforms, py::arg("who"), py::arg("key"), py::arg("ntok"), py::arg("out"),
+        "out[k] = the counter-based uniform of slot who[k] (sampling.counter_uniforms(key, ntok)), bit for bit.");
   m.def("hand_off", &hand_off, py::arg("who"), py::arg("toks"), py::arg("lps"), py::arg("may_end"),
         py::arg("max_new"), py::arg("sid"), py::arg("pend"), py::arg("rl"), py::arg("npos"), py::arg("ntok"),
         py::arg("known"), py::arg("last"), py::arg("rt_tok"), py::arg("rt_lp"), py::arg("rt_gen"),

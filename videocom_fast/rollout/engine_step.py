@@ -25,10 +25,10 @@ from .kv_cache import StepCache
 from .sampling import counter_uniforms, sample
 from .stopping import has_line_break
 
-try:   # the C++ token hand-off (csrc/scheduler/hand_off.cpp); numpy when the extension is not built
-    from videocom_fast._C import hand_off as _hand_off
+try:   # the C++ token hand-off and uniforms (csrc/scheduler/hand_off.cpp); numpy when the extension is not built
+    from videocom_fast._C import gather_uniforms as _gather_uniforms, hand_off as _hand_off
 except ImportError:
-    _hand_off = None
+    _gather_uniforms = _hand_off = None
 
 
 class EngineStep:
@@ -147,7 +147,11 @@ class EngineStep:
         buf[o_who:o_forced] = who_rows
         buf[o_forced:o_u] = forced if forced is not None else -1
         if W and not greedy:   # counter-based: the draw of token i of a rollout is a function of (key, i)
-            buf[o_u:o_u + W].view(np.float64)[:] = counter_uniforms(A.key[who], A.ntok[who])
+            u = buf[o_u:o_u + W].view(np.float64)
+            if _gather_uniforms is not None:
+                _gather_uniforms(who, A.key, A.ntok, u)
+            else:
+                u[:] = counter_uniforms(A.key[who], A.ntok[who])
         meta.stage(buf[o_attn:end])
         dev = self._upload(host_t, end)
         meta.bind(dev[o_attn:end])
