@@ -160,3 +160,8 @@ def hand_off(who: np.ndarray, toks: np.ndarray, lps: np.ndarray, may_end: np.nda
     each token (W,) at slot who[k] that cannot end its round (may_end[tok] == 0, int8 table; round length <
     max_new - 1) is appended to its slot's round arrays (engine._SeqState); returns (end: the indices of the
     other tokens, in order; sids: the appended tokens' scheduler ids)."""
+
+
+def gather_uniforms(who: np.ndarray, key: np.ndarray, ntok: np.ndarray, out: np.ndarray) -> None:
+    """csrc/scheduler/hand_off.cpp: out (W,) float64 [k] = rollout/sampling.py's counter_uniforms(key[who[k]],
+    ntok[who[k]]) bit for bit (key uint64, ntok int64: engine._SeqState's slot arrays)."""
