@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from sampled_eval import paired_change  # noqa: E402
+
 
 def paired(res: dict, mode: str, metric: str) -> tuple[float, float, float, float]:
-    """(before, after, mean change, its SE) of `metric` per held-out sample (its G episodes averaged)."""
-    names = [k for k in res if isinstance(res[k], dict) and mode in res[k]]
-    b, a = (np.asarray(res[n][mode][f"{metric}_per_episode"], dtype=float) for n in names)
-    n = len(b) // (8 if mode == "sampled" else 1)
-    d = a.reshape(n, -1).mean(1) - b.reshape(n, -1).mean(1)
-    return float(b.mean()), float(a.mean()), float(d.mean()), float(d.std(ddof=1) / np.sqrt(n))
+    """(before, after, mean change, its SE) of `metric` per held-out sample (its episodes averaged)."""
+    after = next(k for k in res if k.startswith("grpo_long_"))
+    b, a = (res[name][mode][f"{metric}_per_episode"] for name in ("sft", after))
+    return (float(np.mean(b)), float(np.mean(a)),
+            *paired_change(b, a, n=len(res["sft"]["greedy"]["reward_per_episode"])))
 
 
 def main() -> None:

@@ -17,9 +17,16 @@ import time
 from pathlib import Path
 
 
+def paired_change(before, after, n: int) -> tuple[float, float]:
+    """Mean over n held-out samples of (after - before), each sample's episodes averaged, and its SE."""
+    import numpy as np
+
+    d = np.reshape(after, (n, -1)).mean(1) - np.reshape(before, (n, -1)).mean(1)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(n))
+
+
 def paired_eval(run: Path, before: str, after: str, held: list, G: int = 8, eval_seed: int = 1234) -> dict:
     """Greedy and sampled episodes of run/before and run/after on `held`; the per-sample paired changes."""
-    import numpy as np
     import torch
     import yaml
 
@@ -42,12 +49,10 @@ def paired_eval(run: Path, before: str, after: str, held: list, G: int = 8, eval
     line = [str(run)]
     for mode in ("greedy", "sampled"):
         b, a = res[before][mode], res[after][mode]
-        d = (np.reshape(a["reward_per_episode"], (len(held), -1)).mean(1)
-             - np.reshape(b["reward_per_episode"], (len(held), -1)).mean(1))   # per held-out sample, paired
-        se = d.std(ddof=1) / np.sqrt(len(d))
-        res[mode + "_reward_change"] = dict(mean=float(d.mean()), se=float(se))
+        mean, se = paired_change(b["reward_per_episode"], a["reward_per_episode"], len(held))
+        res[mode + "_reward_change"] = dict(mean=mean, se=se)
         line.append(f"{mode}: accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, reward {b['reward']:.3f} -> "
-                    f"{a['reward']:.3f} ({d.mean():+.4f} +- {se:.4f})")
+                    f"{a['reward']:.3f} ({mean:+.4f} +- {se:.4f})")
     res["line"] = " | ".join(line)
     return res
 
