@@ -33,7 +33,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    import yaml
 
     from videocom_fast.data import load_samples, synthesize
     from videocom_fast.demo import CONFIGS
@@ -42,13 +41,13 @@ def main() -> None:
     from videocom_fast.training.grpo import GRPOConfig, run_grpo
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from sampled_eval import paired_eval
+    from sampled_eval import model_settings, paired_eval
 
     torch.set_num_threads(1)
     data = args.run / "long_data"
     t = time.perf_counter()
-    if not (data / "eval.json").exists():
-        media = yaml.safe_load((CONFIGS / "sft_tiny.yaml").read_text())["media"]
+    if not (data / "eval.json").exists():   # in the SFT model's media settings (its media.json)
+        media = model_settings(args.run, "sft")[0]
         synthesize(data, num_samples=args.train + args.held_out, num_eval=args.held_out,
                    seed=1000 + args.seed, media_config=media_config_from(media))
     synth_s = time.perf_counter() - t

@@ -25,20 +25,35 @@ def paired_change(before, after, n: int) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(n))
 
 
+def model_settings(run: Path, *names: str) -> tuple[dict, dict]:
+    """(media, generation limits) the models' trainers wrote (media.json); refuses models that disagree."""
+    from videocom_fast.contract import read_contract
+
+    docs = {n: read_contract(run / n) for n in names}
+    for n, doc in docs.items():
+        if doc is None or not doc.get("generation"):
+            raise ValueError(f"{run / n}: no media.json with media and generation limits")
+    settings = {n: (d["media"], {k: d["generation"].get(k) for k in ("max_new_tokens", "max_rounds")})
+                for n, d in docs.items()}
+    (n0, s0), *rest = settings.items()
+    for n, s in rest:
+        if s != s0:
+            raise ValueError(f"media / generation limits differ: {run / n0} has {s0}, {run / n} has {s}")
+    return s0
+
+
 def paired_eval(run: Path, before: str, after: str, held: list, G: int = 8, eval_seed: int = 1234) -> dict:
     """Greedy and sampled episodes of run/before and run/after on `held`; the per-sample paired changes."""
     import torch
-    import yaml
 
-    from videocom_fast.demo import CONFIGS
     from videocom_fast.evaluate import _engine, run_episodes
 
     torch.set_num_threads(1)
-    media = yaml.safe_load((CONFIGS / "sft_tiny.yaml").read_text())["media"]
+    media, gen = model_settings(run, before, after)
     res = {}
     for name in (before, after):
         t = time.perf_counter()
-        engine = _engine(run / name, media, max_rounds=5, max_new_tokens=64)
+        engine = _engine(run / name, media, **gen)
         res[name] = {}
         for mode, g, greedy in (("greedy", 1, True), ("sampled", G, False)):
             _, per, s = run_episodes(engine, held, num_generations=g, greedy=greedy, seed=eval_seed)
