@@ -172,4 +172,7 @@ def test_build_info_names_the_attention_auto_runs(fake, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)    # a GPU machine: bf16 on CUDA
     assert videocom_fast.build_info()["attention"] == "flash-paged"
     monkeypatch.setitem(__import__("sys").modules, "flash_attn", None)
+    assert videocom_fast.build_info()["attention"] == "triton-paged"   # torch ships triton
+    from videocom_fast.kernels import paged_attention as K
+    monkeypatch.setattr(K, "triton", None)
     assert videocom_fast.build_info()["attention"] == "sdpa"

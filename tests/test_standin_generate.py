@@ -45,7 +45,7 @@ def _assert_same(got, want, atol):
             torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flash"])
+@pytest.mark.parametrize("backend", ["sdpa", "flash", "triton"])
 def test_generate_on_the_standin_uploads_once_and_reads_once_per_step(backend, tiny_dir, rollout_samples,  # noqa: F811
                                                                       monkeypatch):
     # forced_scripts covers rounds 1-3 (segment, frame, zoom); a 4th round samples freely. In float16 the rounding

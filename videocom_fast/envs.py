@@ -7,7 +7,8 @@ VIDEOCOM_DECODER          force a video decoder: "auto" (default), "dali", "torc
 VIDEOCOM_FRAME_CACHE_MB   byte budget of the shared frame cache in MiB (default 2048)
 VIDEOCOM_OUT_CACHE_MB     budget of recycled CPU pixel_values buffers in MiB (default 256; 0 disables)
 VIDEOCOM_ATTENTION        rollout/training attention: "auto" (flash-attn when importable; on CPU the C++ paged
-                          kernel; else sdpa), "sdpa", "cpp", "flash"
+                          kernel; on CUDA without flash-attn the Triton paged kernel; else sdpa), "sdpa",
+                          "cpp", "flash", "triton"
 VIDEOCOM_KV_CACHE_MB      the rollout engine's KV pool when kv_budget_tokens is not given, in MiB, read when
                           generate() starts (default: 256 on the CPU -- 262k tokens of the tiny model; on CUDA 40%
                           of the memory free at that moment); the pool is freed when generate() returns

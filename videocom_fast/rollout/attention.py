@@ -26,12 +26,19 @@ Backends (one code path in the engine, chosen here):
   flash-attn cannot be installed on the CPU machines this project is built on: tests/test_flash_paged.py
   runs this path through a fake `flash_attn` module that checks the arguments as flash_api.cpp does
   (dtypes, shapes, contiguity, int32 tables and cu_seqlens, page size) and computes a plain reference.
+- "triton": CUDA when flash-attn is not importable (the default there; any dtype). ONE Triton kernel per layer
+  (kernels/paged_attention.py) serves every chunk of the step, reading the pool's blocks in place through
+  int32 metadata on the device (tiles, per-chunk q_start / q_len / ctx, a padded block table): no host value
+  sets a shape inside it. It is the `videocom::paged_attention_` op (a dispatch mode sees one op); on the
+  CPU (the stand-in device's shadows) the op runs the SDPA reference below, or the kernel itself under
+  TRITON_INTERPRET=1 (tests/test_paged_attention_triton.py).
 Without `paged` metadata (training forwards of the same model) the call falls through to transformers'
 own SDPA attention, so registering this function never changes any other forward.
 """
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -55,15 +62,17 @@ FLASH_BLOCK_SIZE = 256              # the smallest page FA2's paged varlen path 
 # device types the flash path may run on: CUDA only; tests add "cpu" to run it through a fake flash_attn
 FLASH_DEVICE_TYPES = ("cuda",)
 # what stats / build_info call each backend
-LABELS = {"flash": "flash-paged", "cpp": "cpp", "sdpa": "sdpa"}
+LABELS = {"flash": "flash-paged", "cpp": "cpp", "sdpa": "sdpa", "triton": "triton-paged"}
+BACKENDS = tuple(LABELS)
 
 
 def reads_unwritten_rows(backend: str) -> bool:
     """Whether `backend` may read pool rows past a sequence's context, so that its pool must be initialized.
     The C++ kernel never does (tests/test_rollout.py poisons the pool with NaN), as long as every decode
     reaches it (CPP_MAX_QUERY_ROWS >= 1); SDPA's decode path gathers whole blocks under a mask, and a NaN
-    survives a mask; flash-attn's paged path is not proven here."""
-    return not (backend == "cpp" and CPP_MAX_QUERY_ROWS >= 1)
+    survives a mask; flash-attn's paged path is not proven here. The Triton kernel masks every load at ctx
+    (the same NaN test, under the interpreter)."""
+    return not (backend == "triton" or backend == "cpp" and CPP_MAX_QUERY_ROWS >= 1)
 
 
 @dataclass
@@ -131,6 +140,8 @@ class PagedBatch:
             for r, k in enumerate(nb):
                 table[r, :k] = self.table(r)[:k]
             out = [("cu_q", cu[0]), ("cu_k", cu[1]), ("table", table)]
+        elif self.backend == "triton":
+            out = self._triton_layout()
         else:   # SDPA: every chunk of that backend, and those the C++ backend leaves to it (CPP_MAX_QUERY_ROWS)
             for b, dec in enumerate(self._decode_buckets() if self.decode_chunks else ()):
                 maxb = max(nblk(i) for i in dec)
@@ -143,6 +154,26 @@ class PagedBatch:
                     for i in self.prefill_chunks]
         self._cache["layout"] = out
         return out
+
+    def _triton_layout(self) -> list[tuple[str, np.ndarray]]:
+        """int32 tiles (2, T): (chunk, first row) of every R rows of each chunk; cq (3, C): q_start, q_len,
+        ctx; table (C, max blocks): each chunk's first ceil(ctx / BS) block ids, 0-padded (never read)."""
+        from videocom_fast.kernels.paged_attention import tile_rows
+        q, ctx = np.asarray(self.q_lens, dtype=np.int64), np.asarray(self.ctx_lens, dtype=np.int64)
+        R = self._cache["rows_per_tile"] = tile_rows(int(q.max(initial=0)))
+        per = -(-q // R)
+        first = np.zeros(len(per), dtype=np.int64)
+        np.cumsum(per[:-1], out=first[1:])
+        chunk = np.repeat(np.arange(len(q)), per)
+        tiles = np.stack([chunk, (np.arange(len(chunk)) - first[chunk]) * R]).astype(np.int32)
+        cq = np.stack([np.asarray(self.q_starts, dtype=np.int64), q, ctx]).astype(np.int32)
+        nb = -(-ctx // self.pool.block_size)
+        table = np.zeros((len(q), int(nb.max(initial=1))), dtype=np.int32)
+        off, ids = self.csr
+        row = np.repeat(np.arange(len(q)), nb)
+        col = np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)
+        table[row, col] = ids[off[:-1][row] + col]
+        return [("tiles", tiles), ("cq", cq), ("table", table)]
 
     def staged_size(self) -> int:
         """int64 slots the device metadata takes in the engine step's staging buffer (each array rounded up to
@@ -209,6 +240,11 @@ class PagedBatch:
             self._cache["cpp"] = (pick(self.q_starts), pick(self.q_lens), ctx, off, tables)
         return self._cache["cpp"]
 
+    def triton_meta(self, device):
+        """The Triton kernel's metadata on the device: (tiles, cq, table, rows per tile)."""
+        d = self._device_arrays(device)
+        return d["tiles"], d["cq"], d["table"], self._cache["rows_per_tile"]
+
     def flash_meta(self, device):
         """flash-attn's varlen metadata: int32 cu_seqlens_q/k (chunks + 1,), max lengths, and an int32 block
         table (chunks, max blocks) padded with block 0 (never read: seqlen_k bounds each row)."""
@@ -250,6 +286,8 @@ def auto_label(device=None, dtype=None, head_dim: int = 128) -> str:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if flash_unavailable(FLASH_BLOCK_SIZE, device, dtype, head_dim) is None:
         return LABELS["flash"]
+    if triton_available(device):
+        return LABELS["triton"]
     return LABELS["cpp"] if cpp_available(device, dtype) else LABELS["sdpa"]
 
 
@@ -267,6 +305,50 @@ def cpp_available(device, dtype) -> bool:
 def _sdpa(q, k, v, mask, scaling, causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,
                                           enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def paged_attention_ref(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile=None) -> None:
+    """What the Triton kernel computes (same arguments; `tiles` and `rows_per_tile` unused): per chunk, SDPA
+    over its gathered blocks with the chunk's causal mask. Reads the metadata on the host: a reference."""
+    BS, Hkv, D = k_pool.shape[1:]
+    for c, (qs, n, ctx) in enumerate(zip(*cq.tolist())):
+        if n == 0:
+            continue
+        idx = table[c, :-(-ctx // BS)].long()
+        k, v = (p.index_select(0, idx).reshape(-1, Hkv, D)[:ctx].transpose(0, 1)[None].to(q.dtype)
+                for p in (k_pool, v_pool))
+        last = torch.arange(ctx - n, ctx, device=q.device)     # the last key each query row sees
+        mask = torch.arange(ctx, device=q.device)[None, :] <= last[:, None]
+        out[qs:qs + n] = _sdpa(q[qs:qs + n].transpose(0, 1)[None], k, v, mask, scale)[0].transpose(0, 1)
+
+
+def _paged_attention_cpu(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile):
+    if os.environ.get("TRITON_INTERPRET") == "1":   # the kernel itself, interpreted (the tests)
+        from videocom_fast.kernels.paged_attention import paged_attention as kernel
+        kernel(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile)
+    else:
+        paged_attention_ref(q, k_pool, v_pool, out, tiles, cq, table, scale)
+
+
+def _paged_attention_cuda(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile):
+    from videocom_fast.kernels.paged_attention import paged_attention as kernel
+    kernel(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile)
+
+
+_lib = torch.library.Library("videocom", "FRAGMENT")
+_lib.define("paged_attention_(Tensor q, Tensor k_pool, Tensor v_pool, Tensor(a!) out, Tensor tiles, "
+            "Tensor cq, Tensor table, float scale, int rows_per_tile) -> ()")
+_lib.impl("paged_attention_", _paged_attention_cpu, "CPU")
+_lib.impl("paged_attention_", _paged_attention_cuda, "CUDA")
+_lib.impl("paged_attention_", lambda *args: None, "Meta")
+
+
+def triton_available(device) -> bool:
+    """The Triton kernel serves CUDA tensors when triton is importable."""
+    if torch.device(device).type != "cuda":
+        return False
+    from videocom_fast.kernels import paged_attention as K
+    return K.triton is not None
 
 
 def paged_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, paged=None,
@@ -293,6 +375,10 @@ def attend(q_LHD, layer: int, paged: PagedBatch, scaling=None, out=None) -> torc
         return flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True,
                                       block_table=table)
     out_LHD = out if out is not None else torch.empty(q_LHD.shape, dtype=q_LHD.dtype, device=q_LHD.device)
+    if paged.backend == "triton":
+        tiles, cq, table, rows = paged.triton_meta(q_LHD.device)
+        torch.ops.videocom.paged_attention_(q_LHD, kp, vp, out_LHD, tiles, cq, table, scaling, rows)
+        return out_LHD
     if paged.cpp_chunks:
         from videocom_fast import _C
         _C.paged_attention(q_LHD.numpy(), pool.k_np[layer], pool.v_np[layer], out_LHD.numpy(), *paged.cpp_meta(),

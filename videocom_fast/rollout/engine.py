@@ -333,8 +333,9 @@ class RolloutEngine(EngineStep):
         self.dtype = dtype or next(m.language_model.parameters()).dtype
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         choice = attention if attention != "auto" else envs.attention()
-        if choice not in ("auto", "sdpa", "flash", "cpp"):
-            raise ValueError(f"RolloutEngine: attention must be 'auto', 'sdpa', 'flash' or 'cpp', got {attention!r}")
+        if choice != "auto" and choice not in attn.BACKENDS:
+            raise ValueError(f"RolloutEngine: attention must be 'auto' or one of {attn.BACKENDS}, "
+                             f"got {attention!r}")
         flash_why = attn.flash_unavailable(block_size or attn.FLASH_BLOCK_SIZE, self.device, self.dtype, head_dim)
         cpp_ok = attn.cpp_available(self.device, self.dtype)
         if choice == "flash" and flash_why:
@@ -342,8 +343,11 @@ class RolloutEngine(EngineStep):
         if choice == "cpp" and not cpp_ok:
             raise ValueError("RolloutEngine: attention='cpp' needs a CPU model in float32/float64 and the built "
                              "videocom_fast._C extension")
+        # NOTE: "triton" on the CPU runs the op's SDPA reference (the kernel under TRITON_INTERPRET=1): tests
+        triton_ok = choice == "triton" or choice == "auto" and attn.triton_available(self.device)
         self.attn_backend = ("flash" if flash_why is None and choice in ("auto", "flash") else
-                             "cpp" if cpp_ok and choice in ("auto", "cpp") else "sdpa")
+                             "cpp" if cpp_ok and choice in ("auto", "cpp") else
+                             "triton" if triton_ok else "sdpa")
         block_size = block_size or (attn.FLASH_BLOCK_SIZE if self.attn_backend == "flash" else 16)
         if kv_budget_tokens is not None and (isinstance(kv_budget_tokens, bool) or not isinstance(kv_budget_tokens, int)
                                              or kv_budget_tokens < block_size):

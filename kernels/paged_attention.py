@@ -1,0 +1,139 @@
+"""Paged causal attention on CUDA in ONE Triton kernel launch per layer (issue 16): the engine's attention
+when flash-attn is not importable (its SDPA fallback gathers each decode bucket's whole K/V per layer and
+issues ~6 kernels per bucket and ~5 per prefill chunk, with shapes read from the host).
+
+Legend: L packed query rows, Hq / Hkv query / key-value heads, G = Hq / Hkv, D head dim, C chunks, T tiles,
+BS pool block rows, R query rows per tile.
+
+One program per (tile, kv head). A tile is R consecutive query rows of one chunk (R = 1 when every chunk of
+the step is a decode, else 16); its G query heads that share the kv head are stacked into the M dimension of
+the matmuls (M = R * GP, GP = G padded to a power of two, M >= 16), so each K/V block is loaded once for all
+of them (no K/V expansion to Hq heads). The keys are walked BLOCK_N at a time through the chunk's block table
+with an online softmax in float32 (flash-attention's recurrence); query row i of a chunk of q_len rows and
+ctx keys sees keys j <= ctx - q_len + i, and no key at or past ctx is ever loaded (masked loads): rows of the
+pool that were never written are never read.
+
+Everything the kernel reads about the step is on the device (tile list, per-chunk q_start / q_len / ctx, the
+block table): no host value sets a loop bound, so a decode step of a fixed bucket has a fixed launch shape
+(what a CUDA graph needs). The math is the C++ kernel's (csrc/cpu/paged_attention.cpp) and SDPA's; the tests
+compare all three (tests/test_paged_attention_triton.py, under TRITON_INTERPRET=1 in a subprocess).
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: the CPU paths never need this module
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    triton = tl = None
+
+BLOCK_N = 32    # keys per iteration
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def tile_rows(max_q_len: int) -> int:
+    """R: query rows per tile (the host builds the tile list with it; the kernel's BLOCK_M)."""
+    return 1 if max_q_len <= 1 else 16
+
+
+def group_pad(group: int, rows: int) -> int:
+    """GP: the query heads per kv head padded to a power of two, with R * GP >= 16 (tl.dot's minimum)."""
+    return max(_next_pow2(group), 16 // rows)
+
+
+if triton is not None:
+    @triton.jit
+    def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, tiles_ptr, cq_ptr, table_ptr, T, C, max_blocks,
+                                sq_l, sq_h, sk_r, sk_h, so_l, so_h, scale,
+                                G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
+                                D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        c = tl.load(tiles_ptr + t)
+        m0 = tl.load(tiles_ptr + T + t)
+        q_start = tl.load(cq_ptr + c)
+        q_len = tl.load(cq_ptr + C + c)
+        ctx = tl.load(cq_ptr + 2 * C + c)
+        M: tl.constexpr = R * GP
+        i = tl.arange(0, M)
+        r = m0 + i // GP                      # the row within the chunk
+        gi = i % GP                           # the query head within the group
+        row_ok = (r < q_len) & (gi < G)
+        d = tl.arange(0, DP)
+        d_ok = d < D
+        rows = (q_start + r).to(tl.int64)
+        heads = h * G + gi
+        q = tl.load(q_ptr + rows[:, None] * sq_l + heads[:, None] * sq_h + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        last = ctx - q_len + r                # the last key each row sees
+        hi = tl.minimum(ctx, ctx - q_len + m0 + R)
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, DP], tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        for n0 in range(0, hi, BLOCK_N):
+            keys = n0 + n
+            k_ok = keys < hi
+            blk = tl.load(table_ptr + c.to(tl.int64) * max_blocks + keys // BS, mask=k_ok, other=0)
+            kr = blk.to(tl.int64) * BS + keys % BS
+            kv_off = kr[:, None] * sk_r + h * sk_h + d[None, :]
+            kv_ok = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where((keys[None, :] <= last[:, None]) & k_ok[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no key yet: nothing to rescale
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + rows[:, None] * so_l + heads[:, None] * so_h + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, out: torch.Tensor,
+                    tiles: torch.Tensor, cq: torch.Tensor, table: torch.Tensor, scale: float,
+                    rows_per_tile: int) -> None:
+    """out (L, Hq, D) = causal attention of q (L, Hq, D; any row / head strides, unit stride in D) to the pool
+    layer (NB, BS, Hkv, D) through int32 metadata on q's device: tiles (2, T) = (chunk, first row),
+    cq (3, C) = (q_start, q_len, ctx), table (C, max_blocks) block ids (padding never read);
+    `rows_per_tile`: the R the tile list was built with (`tile_rows`)."""
+    if triton is None:
+        raise RuntimeError("kernels.paged_attention: triton is not importable")
+    L, Hq, D = q.shape
+    NB, BS, Hkv, Dk = k_pool.shape
+    if Dk != D or v_pool.shape != k_pool.shape or Hq % Hkv or out.shape != q.shape:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)}, pools {tuple(k_pool.shape)} / "
+                         f"{tuple(v_pool.shape)}, out {tuple(out.shape)} do not fit (L, Hq, D) / "
+                         f"(NB, BS, Hkv, D) with Hkv | Hq")
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("paged_attention: q and out need unit stride in D, the pools must be contiguous")
+    if tiles.dtype != torch.int32 or cq.dtype != torch.int32 or table.dtype != torch.int32:
+        raise ValueError(f"paged_attention: metadata must be int32, got tiles {tiles.dtype}, cq {cq.dtype}, "
+                         f"table {table.dtype}")
+    T, C = tiles.shape[1], cq.shape[1]
+    if T == 0:
+        return
+    if rows_per_tile not in (1, 16):
+        raise ValueError(f"paged_attention: rows_per_tile must be 1 or 16 (tile_rows), got {rows_per_tile}")
+    G, R = Hq // Hkv, rows_per_tile
+    GP = group_pad(G, R)
+    _paged_attention_kernel[(T, Hkv)](
+        q, k_pool, v_pool, out, tiles, cq, table, T, C, table.shape[1],
+        q.stride(0), q.stride(1), Hkv * D, D, out.stride(0), out.stride(1), float(scale),
+        G=G, GP=GP, R=R, BLOCK_N=BLOCK_N, D=D, DP=max(16, _next_pow2(D)), BS=BS,
+        IEEE=q.dtype == torch.float32)
