@@ -23,7 +23,9 @@ Steps, each a subprocess with its own time limit, in this order:
    sizes, random bf16 weights allocated on the GPU; no checkpoint), the tiny tokenizer (ids beyond its 640
    decode to nothing), 2 prompts x G=4, 3 rounds of <= 32 new tokens at the method's media budgets, rounds
    1-2 scripted as FIND_SEGMENT / FIND_FRAME (bench_rollout's workload: tests/helpers_rollout). Systems:
-   the engine, the naive loop and lock-step `generate` (bench/naive_rollout.py). Each runs once untimed under
+   the engine, the engine with CUDA graphs for its decode-only steps (`engine_graphs`: the validation that
+   EngineStep.CUDA_GRAPHS waits for; tests/test_gpu_rollout.py checks its tokens), the naive loop and
+   lock-step `generate` (bench/naive_rollout.py). Each runs once untimed under
    `torch.cuda.set_sync_debug_mode("warn")` (one prompt; its warnings are the device syncs counted), then
    once timed. Per system: generated tokens/s, steps, host ms per step (wall / steps), GPU ms per step (CUDA
    events from the input-embedding lookup to the lm_head output of each model step: the forward's span on the
@@ -60,7 +62,8 @@ def plan() -> list[str]:
         f"install carried wheels into {SITE.name}/ (pip --no-index --no-deps): {', '.join(wheels) or 'none found'}",
         "build the CUDA extension: VIDEOCOM_CUDA=ON python setup.py build_ext --inplace",
         "run the GPU tests: python -m pytest -m gpu tests",
-        f"rollout benchmark, Qwen2.5-VL-7B-shaped random bf16 model: engine vs naive loop vs lock-step, "
+        f"rollout benchmark, Qwen2.5-VL-7B-shaped random bf16 model: engine (eager, CUDA graphs) vs naive "
+        f"loop vs lock-step, "
         f"{PROMPTS} prompts x G={G}, {ROUNDS} rounds, <= {NEW} new tokens per round",
     ]
 
@@ -198,13 +201,14 @@ def print_table(report: dict) -> None:
         print(f"{name:8} {step.get('status', '-'):8} {step.get('seconds', 0):7.1f} s  {extra}")
     rows = report["steps"].get("bench", {}).get("rows", {}).get("systems", {})
     if rows:
-        print(f"\n{'system':10} {'gen tok/s':>10} {'steps':>6} {'host ms/step':>13} {'GPU ms/step':>12} "
+        print(f"\n{'system':13} {'gen tok/s':>10} {'steps':>6} {'host ms/step':>13} {'GPU ms/step':>12} "
               f"{'syncs/step':>11} {'peak GiB':>9}")
         for name, r in rows.items():
             if "error" in r:
-                print(f"{name:10} {r['error']}")
+                print(f"{name:13} {r['error']}")
                 continue
-            print(f"{name:10} {r['gen_tokens_per_s']:10.1f} {r['steps']:6d} {_num(r['host_ms_per_step'], 13)} "
+            print(f"{name:13} {r['gen_tokens_per_s']:10.1f} {r['steps']:6d} "
+                  f"{_num(r['host_ms_per_step'], 13)} "
                   f"{_num(r['gpu_ms_per_step'], 12)} {_num(r['syncs_per_step'], 11)} {_num(r['peak_gib'], 9)}")
 
 

@@ -4,16 +4,19 @@ Workload (bench_rollout.py's, smaller so a 7B-shaped model fits the 8-minute che
 of tests/helpers_rollout (`make gpu-carry` pre-makes it: the GPU machines cannot encode video), the method's
 media budgets (env.MediaConfig defaults: 32-frame video at up to 360*420 pixels, ~2.3k-token prompts),
 PROMPTS x G rollouts, ROUNDS rounds of <= NEW tokens, rounds 1..SCRIPTED scripted (forced_scripts), the rest
-sampled (temperature 0.9, top-k 50). Systems: RolloutEngine, the naive loop and lock-step `generate`
-(bench/naive_rollout.py), all on the same model and workload.
+sampled (temperature 0.9, top-k 50). Systems: RolloutEngine, RolloutEngine with its decode-only steps through
+CUDA graphs (`engine_graphs`: CUDA_GRAPHS, Triton attention; decode_graphs.py), the naive loop and lock-step
+`generate` (bench/naive_rollout.py), all on the same model and workload.
 
 Measures per system, from one timed run after one untimed run (one prompt) that counts device syncs:
 - generated tokens / wall second;
-- steps (model forwards: one per input-embedding lookup), host ms per step = wall / steps;
-- GPU ms per step: CUDA events recorded when a step's input embedding is looked up and when its lm_head
-  output is written (module hooks: the engine's packed forward and `generate` both call those modules); the
-  span between them on the stream is the step's forward on the GPU. Host minus GPU is what the GPU waits for
-  (Python, scheduling, sampling, environment). Steps that run no lm_head (prefill-only chunks) are not timed.
+- steps (model forwards), host ms per step = wall / steps;
+- GPU ms per step: CUDA events recorded when a step's forward starts and when its lm_head output is written
+  (the naive loop and `generate`: module hooks on the input embedding and lm_head; the engines: around their
+  step's `_forward` / `_graph_forward`, since a hook inside the language model turns the packed forward off
+  and no hook runs on a graph's replay); the span between them on the stream is the step's forward on the GPU.
+  Host minus GPU is what the GPU waits for (Python, scheduling, sampling, environment). Steps that run no
+  lm_head (prefill-only chunks) are not timed.
 - device syncs per step: torch.cuda.set_sync_debug_mode("warn") makes every synchronizing call (.item(),
   .cpu(), .tolist(), nonzero, blocking copies) raise a warning; they are counted (explicit
   torch.cuda.synchronize() calls are not reported by that mode, and none of the systems makes one per step);
@@ -86,15 +89,29 @@ def build_model(shape: str, device: torch.device):
 
 
 # --- measuring ------------------------------------------------------------------------------------------
-class StepMeter:
-    """Steps, per-step forward spans from CUDA events, and device syncs (sync debug mode warnings)."""
+METER = None    # the StepMeter in use (the engines report their steps to it: `engine_step`)
 
-    def __init__(self, model, count_syncs: bool):
+
+class StepMeter:
+    """Steps, per-step forward spans from CUDA events, and device syncs (sync debug mode warnings).
+    `hooks`: count steps by module hooks on the input embedding and lm_head (naive loop, lock-step); the
+    engines report their own (`engine_step`): a hook inside the language model would turn the engine's packed
+    forward off (packed_forward.supports), and no hook runs on a CUDA graph's replay."""
+
+    def __init__(self, model, count_syncs: bool, hooks: bool = True):
         from videocom_fast import modeling
         self.embed, self.head = modeling.inner(model).get_input_embeddings(), modeling.lm_head(model)
         self.cuda = next(model.parameters()).is_cuda
-        self.count_syncs = count_syncs and self.cuda
+        self.count_syncs, self.hooks = count_syncs and self.cuda, hooks
         self.steps, self.spans, self._open, self.syncs = 0, [], None, 0
+
+    def engine_step(self, fn, *args):
+        """One engine forward (`_forward` or `_graph_forward`): counted, its span recorded around the call."""
+        self._start()
+        try:
+            return fn(*args)
+        finally:
+            self._end()
 
     def _start(self, *_):
         self.steps += 1
@@ -110,7 +127,12 @@ class StepMeter:
             self._open = None
 
     def __enter__(self):
-        self._hooks = [self.embed.register_forward_pre_hook(self._start), self.head.register_forward_hook(self._end)]
+        global METER
+        METER = self
+        self._hooks = []
+        if self.hooks:
+            self._hooks = [self.embed.register_forward_pre_hook(self._start),
+                           self.head.register_forward_hook(self._end)]
         if self.count_syncs:
             self._warn = warnings.catch_warnings(record=True)
             self._records = self._warn.__enter__()
@@ -119,6 +141,8 @@ class StepMeter:
         return self
 
     def __exit__(self, *exc):
+        global METER
+        METER = None
         for h in self._hooks:
             h.remove()
         if self.count_syncs:
@@ -147,14 +171,44 @@ def _workload(proc, n_prompts: int, media: str = "spec"):
     return samples, forced, (lambda sample: ManipulationEnv(sample, cache=cache, config=cfg))
 
 
-def run_engine(model, proc, samples, forced, make_env) -> int:
-    from videocom_fast.rollout import RolloutEngine
+def _metered(cls):
+    """`cls` with each model forward reported to the StepMeter in use."""
+    class Metered(cls):
+        def _forward(self, *args):
+            fn = super()._forward
+            return METER.engine_step(fn, *args) if METER else fn(*args)
+
+        def _graph_forward(self, *args):
+            fn = super()._graph_forward
+            return METER.engine_step(fn, *args) if METER else fn(*args)
+    return Metered
+
+
+def run_engine(model, proc, samples, forced, make_env, graphs: bool = False) -> int:
+    from videocom_fast.rollout import RolloutEngine, decode_graphs, fused_step
     kw = dict(env_factory=make_env, max_rounds=ROUNDS, max_new_tokens=NEW, forced_rounds=forced)
     if "kv_budget_tokens" in inspect.signature(RolloutEngine).parameters:
         kw["kv_budget_tokens"] = len(samples) * G * 4096     # ~2.3k-token prompts + 3 rounds, whole episodes
-    eng = RolloutEngine(model, proc, **kw)
-    eng.generate(samples, num_generations=G, temperature=0.9, top_k=50, seed=0)
+    cls, cuda = RolloutEngine, next(model.parameters()).is_cuda
+    if graphs:
+        kw["attention"] = "triton"     # what graphs capture (flash-attn's varlen call takes host lengths)
+
+        class Graphed(RolloutEngine):
+            CUDA_GRAPHS = True
+            GRAPH_CAPTURE = None if cuda else staticmethod(decode_graphs.record_capture)
+        cls = Graphed
+    eng = _metered(cls)(model, proc, **kw)
+    # on the CPU (CI's tiny run) graphs are record_capture's, over the fused ops' dispatched reference
+    with fused_step.force_impl("torch" if graphs and not cuda else None):
+        eng.generate(samples, num_generations=G, temperature=0.9, top_k=50, seed=0)
+    if graphs and eng.stats.get("cuda_graphs") != "on":
+        raise RuntimeError(f"CUDA graphs did not run: {eng.stats.get('cuda_graphs')}")
     return eng.stats["generated_tokens"]
+
+
+def run_engine_graphs(model, proc, samples, forced, make_env) -> int:
+    """The engine with decode-only steps through CUDA graphs (decode_graphs.py; Triton attention)."""
+    return run_engine(model, proc, samples, forced, make_env, graphs=True)
 
 
 def run_naive(model, proc, samples, forced, make_env) -> int:
@@ -176,18 +230,19 @@ def run_lockstep(model, proc, samples, forced, make_env) -> int:
     return sum(sum(r.generated_mask) for g in groups for r in g)
 
 
-SYSTEMS = {"engine": run_engine, "naive": run_naive, "lockstep": run_lockstep}
+SYSTEMS = {"engine": run_engine, "engine_graphs": run_engine_graphs, "naive": run_naive,
+           "lockstep": run_lockstep}
 
 
 def measure(name: str, model, proc, media: str = "spec") -> dict:
-    fn, cuda = SYSTEMS[name], next(model.parameters()).is_cuda
-    with StepMeter(model, count_syncs=True) as sync_run:               # untimed: warm-up + sync count
+    fn, cuda, hooks = SYSTEMS[name], next(model.parameters()).is_cuda, not name.startswith("engine")
+    with StepMeter(model, count_syncs=True, hooks=hooks) as sync_run:       # untimed: warm-up + sync count
         fn(model, proc, *_workload(proc, 1, media))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     work = _workload(proc, PROMPTS, media)
-    with StepMeter(model, count_syncs=False) as timed:
+    with StepMeter(model, count_syncs=False, hooks=hooks) as timed:
         t = time.perf_counter()
         gen = fn(model, proc, *work)
         if cuda:

@@ -273,6 +273,27 @@ def flash_unavailable(block_size: int, device, dtype, head_dim: int) -> str | No
     return None
 
 
+def pick_backend(choice: str, device, dtype, head_dim: int, block_size: int | None) -> str:
+    """The backend RolloutEngine(attention=choice) runs: "auto" = flash-attn's paged path when it can serve
+    (device, dtype, block_size or FLASH_BLOCK_SIZE), else the C++ kernel (CPU float32/float64), else the
+    Triton kernel (CUDA), else SDPA; a named backend that cannot run is refused with the reason. "triton" on
+    the CPU runs the op's SDPA reference (the kernel itself under TRITON_INTERPRET=1): the tests' path."""
+    if choice != "auto" and choice not in BACKENDS:
+        raise ValueError(f"RolloutEngine: attention must be 'auto' or one of {BACKENDS}, got {choice!r}")
+    flash_why = flash_unavailable(block_size or FLASH_BLOCK_SIZE, device, dtype, head_dim)
+    cpp_ok = cpp_available(device, dtype)
+    if choice == "flash" and flash_why:
+        raise ValueError(f"RolloutEngine: attention='flash' cannot run: {flash_why}")
+    if choice == "cpp" and not cpp_ok:
+        raise ValueError("RolloutEngine: attention='cpp' needs a CPU model in float32/float64 and the built "
+                         "videocom_fast._C extension")
+    if flash_why is None and choice in ("auto", "flash"):
+        return "flash"
+    if cpp_ok and choice in ("auto", "cpp"):
+        return "cpp"
+    return "triton" if choice == "triton" or choice == "auto" and triton_available(device) else "sdpa"
+
+
 def flash_available(block_size: int, device, dtype=torch.bfloat16, head_dim: int = 128) -> bool:
     return flash_unavailable(block_size, device, dtype, head_dim) is None
 

@@ -333,21 +333,7 @@ class RolloutEngine(EngineStep):
         self.dtype = dtype or next(m.language_model.parameters()).dtype
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         choice = attention if attention != "auto" else envs.attention()
-        if choice != "auto" and choice not in attn.BACKENDS:
-            raise ValueError(f"RolloutEngine: attention must be 'auto' or one of {attn.BACKENDS}, "
-                             f"got {attention!r}")
-        flash_why = attn.flash_unavailable(block_size or attn.FLASH_BLOCK_SIZE, self.device, self.dtype, head_dim)
-        cpp_ok = attn.cpp_available(self.device, self.dtype)
-        if choice == "flash" and flash_why:
-            raise ValueError(f"RolloutEngine: attention='flash' cannot run: {flash_why}")
-        if choice == "cpp" and not cpp_ok:
-            raise ValueError("RolloutEngine: attention='cpp' needs a CPU model in float32/float64 and the built "
-                             "videocom_fast._C extension")
-        # NOTE: "triton" on the CPU runs the op's SDPA reference (the kernel under TRITON_INTERPRET=1): tests
-        triton_ok = choice == "triton" or choice == "auto" and attn.triton_available(self.device)
-        self.attn_backend = ("flash" if flash_why is None and choice in ("auto", "flash") else
-                             "cpp" if cpp_ok and choice in ("auto", "cpp") else
-                             "triton" if triton_ok else "sdpa")
+        self.attn_backend = attn.pick_backend(choice, self.device, self.dtype, head_dim, block_size)
         block_size = block_size or (attn.FLASH_BLOCK_SIZE if self.attn_backend == "flash" else 16)
         if kv_budget_tokens is not None and (isinstance(kv_budget_tokens, bool) or not isinstance(kv_budget_tokens, int)
                                              or kv_budget_tokens < block_size):
@@ -407,6 +393,7 @@ class RolloutEngine(EngineStep):
                           kv_pool_bytes=self.pool.nbytes, block_size=self.pool.block_size)
         self.stats["kv_pool_s"] = time.perf_counter() - t0
         self.packed = self._packed_forward()
+        self._graphs = self._decode_graphs()
         self.vision = self._vision_forward()
         prev_attn = modeling.inner(self.model).language_model.config._attn_implementation
         self.model.set_attn_implementation({"text_config": attn.register()})
@@ -421,6 +408,7 @@ class RolloutEngine(EngineStep):
             # the fused (concatenated) weights are a copy: not held between rollouts (docs/memory_7b.md)
             if self.packed is not None:
                 self.packed.release()
+            self._graphs = None      # they hold the pool's and the fused weights' addresses
         st = self.stats
         st["wall_s"] = time.perf_counter() - t0
         st["prefill_tokens_saved"] = st["prefix_tokens_shared"] + st["kv_reuse_tokens"]
@@ -444,7 +432,7 @@ class RolloutEngine(EngineStep):
             held = self.pool.nbytes if self.pool is not None else 0
             tokens = max(bs, envs.kv_cache_bytes(self.device, held_bytes=held) // per_token)
         num_blocks = -(-tokens // bs)
-        scratch = 1 if self.PAD_DECODES else 0    # padded decode rows' block, never the scheduler's (engine_step)
+        scratch = int(self.PAD_DECODES or self.CUDA_GRAPHS)   # padded decode rows' block (engine_step)
         if self.pool is None or self.pool.num_blocks != num_blocks + scratch:
             self.pool = None    # NOTE: the old pool is freed before the new one is allocated
             fill = 0.0 if attn.reads_unwritten_rows(self.attn_backend) else None

@@ -20,7 +20,9 @@ import torch
 
 from .. import modeling
 from . import attention as attn
+from . import fused_step as fused
 from . import packed_forward
+from .decode_graphs import DecodeGraphs
 from .kv_cache import StepCache
 from .sampling import counter_uniforms, sample
 from .stopping import has_line_break
@@ -40,14 +42,20 @@ class EngineStep:
     # counts both over a whole generate).
     # `step_impl = "unfused"` runs the previous step (op by op, per-tensor uploads): bench_engine_step's baseline.
     step_impl = "lean"
-    # CUDA graphs for decode-only steps: OFF until `make gpu-check` has validated capture on a GPU (see
-    # `decode_bucket`); nothing reads it yet. PAD_DECODES (the shapes a capture needs, testable without a GPU):
+    # CUDA graphs for decode-only steps (decode_graphs.py): OFF until `make gpu-check` has validated capture
+    # on a GPU (its "engine_graphs" row: host and GPU ms per step with and without graphs). They need the
+    # packed forward and the Triton attention (no host value in the forward) and pad decodes whatever
+    # PAD_DECODES says; `GRAPH_CAPTURE` None captures CUDA graphs (decode_graphs.cuda_capture), tests set
+    # record_capture.
+    # PAD_DECODES (the shapes a capture needs, testable without a GPU):
     # a decode-only step of n sequences runs decode_bucket(n) rows; the padded rows are decodes of token 0 at
     # position 0 whose K/V go to a SCRATCH block (one block past the scheduler's, allocated only then) and
     # whose attention reads only that block; no padded row is sampled. Off by default: on the CPU padding is
     # pure extra work.
     CUDA_GRAPHS = False
+    GRAPH_CAPTURE = None     # a staticmethod when set
     PAD_DECODES = False
+    _graphs = None
     DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
     @classmethod
@@ -113,8 +121,9 @@ class EngineStep:
         if self.step_impl == "unfused":
             return self._step_unfused(a)
         rows = self._chunk_rows(a)
-        if self.PAD_DECODES:
-            rows = self._pad_decodes(rows, not a.is_prefill.any())
+        decode_only = not a.is_prefill.any()
+        if self.PAD_DECODES or self.CUDA_GRAPHS:
+            rows = self._pad_decodes(rows, decode_only)
         ids, pos, slots, q_starts, q_lens, ctx, media_rows, tables = rows
         smp = np.flatnonzero(a.samples)                       # the sampling chunks, in chunk order
         head_rows = q_starts[smp] + q_lens[smp] - 1
@@ -156,8 +165,12 @@ class EngineStep:
         dev = self._upload(host_t, end)
         meta.bind(dev[o_attn:end])
 
-        logits_NV = self._forward(dev[:L], dev[o_pos:o_slot].view(3, L), dev[o_slot:o_rows], meta, media_rows,
-                                  dev[o_rows:o_who] if N else None)
+        if self._graphs is not None and decode_only and N and L in self.DECODE_BUCKETS:
+            logits_NV = self._graph_forward(dev[:L], dev[o_pos:o_slot].view(3, L), dev[o_slot:o_rows], meta,
+                                            dev[o_rows:o_who])
+        else:
+            logits_NV = self._forward(dev[:L], dev[o_pos:o_slot].view(3, L), dev[o_slot:o_rows], meta,
+                                      media_rows, dev[o_rows:o_who] if N else None)
         for src, dst, n in copies:   # forks' partial blocks, after the forward wrote the leader's rows
             self.pool.copy_rows(src, dst, n)
         if not W:
@@ -234,6 +247,38 @@ class EngineStep:
             logits_NV = modeling.lm_head(self.model)(hidden_LD.index_select(0, head_rows)).float()
         self.stats["model_s"] += time.perf_counter() - t0
         self.stats["steps"] += 1
+        return logits_NV
+
+    def _decode_graphs(self):
+        """A DecodeGraphs for this generate when CUDA_GRAPHS is on and the step can be captured, else None;
+        the reason it cannot goes to stats["cuda_graphs"]."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        why = ("off" if not self.CUDA_GRAPHS else
+               "needs the packed text forward" if self.packed is None or not self.packed.fused else
+               f"needs the triton attention (this engine's: {self.attn_backend})"
+               if self.attn_backend != "triton" else
+               "needs a CUDA device or a GRAPH_CAPTURE"
+               if self.device.type != "cuda" and not self.GRAPH_CAPTURE else
+               "the CPU's direct C++ kernels are invisible to a capture (fused_step.force_impl('torch'))"
+               if fused.use_cpp(probe) else None)
+        self.stats["cuda_graphs"] = why or "on"
+        if why:
+            return None
+        return DecodeGraphs(self._static_forward, self.pool, capture=self.GRAPH_CAPTURE)
+
+    def _static_forward(self, ids_B, pos_3B, slots_B, meta):
+        """What a decode graph captures: embeddings, the packed forward, the float32 logits of all B rows."""
+        x_BD = modeling.inner(self.model).get_input_embeddings()(ids_B)
+        return modeling.lm_head(self.model)(self.packed(x_BD, pos_3B, slots_B, meta)).float()
+
+    def _graph_forward(self, ids_B, pos_3B, slots_B, meta, head_rows):
+        """`_forward` of a padded decode-only step through its captured graph: the sampled rows' logits."""
+        t0 = time.perf_counter()
+        logits_NV = self._graphs.run(ids_B, pos_3B, slots_B, meta).index_select(0, head_rows)
+        self.stats["model_s"] += time.perf_counter() - t0
+        self.stats["steps"] += 1
+        self.stats["graph_steps"] = self._graphs.replays
+        self.stats["graph_captures"] = self._graphs.captures
         return logits_NV
 
     def _forks(self, a, smp):
