@@ -136,4 +136,4 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         q, k_pool, v_pool, out, tiles, cq, table, T, C, table.shape[1],
         q.stride(0), q.stride(1), Hkv * D, D, out.stride(0), out.stride(1), float(scale),
         G=G, GP=GP, R=R, BLOCK_N=BLOCK_N, D=D, DP=max(16, _next_pow2(D)), BS=BS,
-        IEEE=q.dtype == torch.float32)
+        IEEE=q.dtype == torch.float32, num_warps=4 if R * GP <= 64 else 8)
