@@ -210,6 +210,12 @@ def print_table(report: dict) -> None:
             print(f"{name:13} {r['gen_tokens_per_s']:10.1f} {r['steps']:6d} "
                   f"{_num(r['host_ms_per_step'], 13)} "
                   f"{_num(r['gpu_ms_per_step'], 12)} {_num(r['syncs_per_step'], 11)} {_num(r['peak_gib'], 9)}")
+        eager, graphed = rows.get("engine", {}), rows.get("engine_graphs", {})
+        if eager and graphed and "error" not in eager and "error" not in graphed:
+            # EngineStep.CUDA_GRAPHS waits for this line and for tests/test_gpu_rollout.py's token comparison
+            pair = lambda k: f"{_num(eager[k], 0).strip()} -> {_num(graphed[k], 0).strip()}"  # noqa: E731
+            print(f"\nCUDA graphs: host ms/step {pair('host_ms_per_step')}, GPU ms/step "
+                  f"{pair('gpu_ms_per_step')}, generated tok/s {pair('gen_tokens_per_s')}")
 
 
 def main(argv=None) -> int:
