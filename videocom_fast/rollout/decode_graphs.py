@@ -117,9 +117,13 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata     # the StorageImpl's identity (meta tensors all have data_ptr 0)
+
+
 def _write_back(recorded, new) -> None:
     if isinstance(recorded, torch.Tensor):
-        if recorded.data_ptr() != new.data_ptr():    # in-place / out= ops and views wrote (or alias) it
+        if _storage(recorded) != _storage(new):    # in-place / out= ops and views wrote (or alias) it
             recorded.copy_(new)
     elif isinstance(recorded, (tuple, list)):
         for r, n in zip(recorded, new):
