@@ -6,10 +6,11 @@ Asserted, per engine step (issue 16): exactly one host-to-device copy (the stagi
 included: cu_seqlens and block tables for flash-attn, bucket tables and prefill block ids for SDPA) and exactly
 one device-to-host read (the sampled ids + log-probs); nothing else reads the device during the run but the
 vision tower's rotary table (once per engine). The values equal the same engine run with CPU tensors.
-Backends: SDPA, flash-attn (fake), the Triton paged op, and the Triton op with decode-only steps through graphs
-(decode_graphs.record_capture: replays re-run the recorded ops on the same device tensors, so the graph path's
-own copies are checked too). The flash path runs through tests/fake_flash_attn.py; the fake's own host reads (it checks cu_seqlens on the
-host, which the real kernel does not) are left out of the count by the frame that asked.
+Backends: SDPA, flash-attn (fake), the Triton paged op, and the Triton op with decode-only steps through
+graphs (decode_graphs.record_capture: replays re-run the recorded ops on the same device tensors, so the graph
+path's own copies are checked too). The flash path runs through tests/fake_flash_attn.py; the fake's own host
+reads (it checks cu_seqlens on the host, which the real kernel does not) are left out of the count by the
+frame that asked.
 """
 from __future__ import annotations
 
