@@ -100,7 +100,8 @@ def cuda_capture(fn, pool=None):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: the engine's workers may run CUDA work of their own (decoding, preprocessing) meanwhile
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
     return graph.replay, out
 
