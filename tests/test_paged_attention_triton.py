@@ -62,7 +62,7 @@ def test_tiles_cover_every_query_row_once(lens, starts, rows):
 _SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, "ROOT/tests")
-    from test_paged_attention_triton import _within_rule, _poisoned_and_strided, _greedy_equal
+    from test_paged_attention_triton import _within_rule, _poisoned_and_strided, _split_keys, _greedy_equal
     from test_flash_paged import _LENS, _STARTS
     seed = SEED
     for dtype in (torch.float32, torch.float16):
@@ -70,6 +70,7 @@ _SCRIPT = textwrap.dedent("""
             _within_rule(dtype, Hq, Hkv, D, _LENS, _STARTS, seed)                          # mixed: R = 16
             _within_rule(dtype, Hq, Hkv, D, [33, 1, 300, 17], [32, 0, 299, 16], seed + 1)   # decodes: R = 1
     _poisoned_and_strided(seed)
+    _split_keys(seed)
     if "greedy" in sys.argv:
         _greedy_equal()
     print("OK")
@@ -101,6 +102,35 @@ def _poisoned_and_strided(seed):
     attn.paged_attention_ref(q, pool.k[0], pool.v[0], ref, tiles, cq, table, D ** -0.5)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+
+
+def _split_keys(seed):
+    """Decode-only steps split their keys (flash-decoding): 1, 3, 16 shares and the default, against the
+    reference; contexts of 1 key (15 of 16 shares empty), one block, a block and one, several blocks."""
+    from videocom_fast.kernels import paged_attention as K
+    g = torch.Generator().manual_seed(seed)
+    Hq, Hkv, D, bs = 6, 2, 24, 16
+    ctxs = [1, 16, 17, 300, 64, 65]
+    pool = PagedKVPool(1, 40, bs, Hkv, D, layout="standard", fill=float("nan"))
+    free = list(range(40))
+    random.Random(seed).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // bs))] for n in ctxs]
+    for t, n in zip(tables, ctxs):
+        k, v = (torch.randn(n, Hkv, D, generator=g) for _ in range(2))
+        pool.write(0, pool.slots(t, 0, n), k, v)
+    q = torch.randn(len(ctxs), Hq, D, generator=g)
+    meta = attn.PagedBatch(pool, list(range(len(ctxs))), [1] * len(ctxs), ctxs, tables, backend="triton")
+    tiles, cq, table, rows = meta.triton_meta("cpu")
+    ref = torch.empty_like(q)
+    attn.paged_attention_ref(q, pool.k[0], pool.v[0], ref, tiles, cq, table, D ** -0.5)
+    assert rows == 1 and K.split_count(len(ctxs), Hkv, table.shape[1] * bs) > 1
+    outs = []
+    for splits in (None, 1, 3, 16):
+        out = torch.full_like(q, float("nan"))
+        K.paged_attention(q, pool.k[0], pool.v[0], out, tiles, cq, table, D ** -0.5, rows, splits=splits)
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+        outs.append(out)
+    assert not torch.equal(outs[1], outs[2])    # the split path ran: another summation order
 
 
 def _greedy_equal():
@@ -141,11 +171,15 @@ def test_triton_kernel_on_cuda_within_twice_sdpa_error(dtype):
         pytest.skip("no CUDA device")
     seed = random.randrange(2 ** 31)
     g = torch.Generator().manual_seed(seed)
-    for Hq, Hkv, D in ((28, 4, 128), (4, 2, 64), (6, 2, 24)):
-        lens, starts, bs = [300, 1, 40, 700, 513], [0, 0, 39, 450, 512], 16
-        pool = PagedKVPool(1, 120, bs, Hkv, D, dtype=dtype, device="cuda", layout="standard",
+    cases = [((28, 4, 128), [300, 1, 40, 700, 513], [0, 0, 39, 450, 512]),
+             ((4, 2, 64), [300, 1, 40], [0, 0, 39]),
+             ((28, 4, 128), [2300, 1, 900, 17], [2299, 0, 899, 16]),
+             ((6, 2, 24), [33, 700], [32, 699])]
+    for (Hq, Hkv, D), lens, starts in cases:    # mixed steps, and decode-only steps (their keys split)
+        bs = 16
+        pool = PagedKVPool(1, 400, bs, Hkv, D, dtype=dtype, device="cuda", layout="standard",
                            fill=float("nan"))
-        free = list(range(120))
+        free = list(range(400))
         random.Random(seed).shuffle(free)
         tables = [[free.pop() for _ in range(-(-n // bs))] for n in lens]
         for t, n in zip(tables, lens):
