@@ -53,6 +53,20 @@ def group_pad(group: int, rows: int) -> int:
 
 if triton is not None:
     @triton.jit
+    def _tile(tiles_ptr, cq_ptr, T, C, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr):
+        """This program's tile: its chunk, first row, q_len and ctx; per stacked row i of M = R * GP: the row
+        within the chunk, the packed query row, the query head, and whether it is a real (row, head)."""
+        c = tl.load(tiles_ptr + tl.program_id(0))
+        m0 = tl.load(tiles_ptr + T + tl.program_id(0))
+        q_len = tl.load(cq_ptr + C + c)
+        i = tl.arange(0, R * GP)
+        r = m0 + i // GP                      # the row within the chunk
+        gi = i % GP                           # the query head within the group
+        rows = (tl.load(cq_ptr + c) + r).to(tl.int64)
+        heads = tl.program_id(1) * G + gi
+        return c, m0, q_len, tl.load(cq_ptr + 2 * C + c), r, rows, heads, (r < q_len) & (gi < G)
+
+    @triton.jit
     def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, tiles_ptr, cq_ptr, table_ptr, T, C,
                                 max_blocks, sq_l, sq_h, sk_r, sk_h, so_l, so_h, scale,
                                 G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -60,20 +74,11 @@ if triton is not None:
                                 SPLITS: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
-        c = tl.load(tiles_ptr + t)
-        m0 = tl.load(tiles_ptr + T + t)
-        q_start = tl.load(cq_ptr + c)
-        q_len = tl.load(cq_ptr + C + c)
-        ctx = tl.load(cq_ptr + 2 * C + c)
+        c, m0, q_len, ctx, r, rows, heads, row_ok = _tile(tiles_ptr, cq_ptr, T, C, G, GP, R)
         M: tl.constexpr = R * GP
         i = tl.arange(0, M)
-        r = m0 + i // GP                      # the row within the chunk
-        gi = i % GP                           # the query head within the group
-        row_ok = (r < q_len) & (gi < G)
         d = tl.arange(0, DP)
         d_ok = d < D
-        rows = (q_start + r).to(tl.int64)
-        heads = h * G + gi
         q = tl.load(q_ptr + rows[:, None] * sq_l + heads[:, None] * sq_h + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         last = ctx - q_len + r                # the last key each row sees
@@ -130,15 +135,9 @@ if triton is not None:
         """out = the splits' partials merged: flash-decoding's reduction (a program per tile and kv head)."""
         t = tl.program_id(0)
         h = tl.program_id(1)
-        c = tl.load(tiles_ptr + t)
-        m0 = tl.load(tiles_ptr + T + t)
-        q_start = tl.load(cq_ptr + c)
-        q_len = tl.load(cq_ptr + C + c)
+        _, _, _, _, _, rows, heads, row_ok = _tile(tiles_ptr, cq_ptr, T, C, G, GP, R)
         M: tl.constexpr = R * GP
         i = tl.arange(0, M)
-        r = m0 + i // GP
-        gi = i % GP
-        row_ok = (r < q_len) & (gi < G)
         d = tl.arange(0, DP)
         stride = tl.num_programs(1).to(tl.int64) * T * (M * (DP + 2))       # one split's partials
         base = ws_ptr + (t * tl.num_programs(1) + h).to(tl.int64) * (M * (DP + 2))
@@ -153,8 +152,6 @@ if triton is not None:
             l_sum += w * tl.load(base + s * stride + M + i)
             acc += w[:, None] * tl.load(base + s * stride + 2 * M + i[:, None] * DP + d[None, :])
         out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-        rows = (q_start + r).to(tl.int64)
-        heads = h * G + gi
         tl.store(o_ptr + rows[:, None] * so_l + heads[:, None] * so_h + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (d < D)[None, :])
 
