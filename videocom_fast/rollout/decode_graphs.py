@@ -3,10 +3,11 @@
 A decode-only step padded to its batch bucket (`EngineStep.decode_bucket`: B rows, its padded rows decode into
 a scratch block) has a fixed shape, and with the Triton paged attention (kernels/paged_attention.py) nothing
 the forward does depends on a host value: the step's ids, positions, KV slots, attention tiles, chunk lengths
-and block table are device tensors. So the forward (embedding -> packed text forward -> lm_head over the B
-rows) is captured once per (B, table width W) into a graph that reads STATIC buffers; each step copies its
-values into them (device to device) and replays. W is the step's block-table width rounded up to a power of
-two (>= 8): columns past a row's context are never read, so a narrower table is copied into the first columns.
+and block table are device tensors. So the forward (embedding -> packed text forward over the B rows; the
+lm_head runs after it, on the sampled rows) is captured once per (B, table width W) into a graph that reads
+STATIC buffers; each step copies its values into them (device to device) and replays. W is the step's
+block-table width rounded up to a power of two (>= 8): columns past a row's context are never read, so a
+narrower table is copied into the first columns.
 
 A captured graph holds the addresses of everything it read: the KV pool and the fused weights, which the
 engine allocates per `generate`, so graphs live for one `generate` (`RolloutEngine` drops them at its end).
@@ -35,14 +36,14 @@ class _StaticMeta:
 
 
 class _Graph:
-    """One captured (B, W): its static inputs, its output logits (B, V) and its replay."""
+    """One captured (B, W): its static inputs, its output (B, D) hidden states and its replay."""
 
     def __init__(self, B: int, W: int, device):
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
         self.ids, self.pos, self.slots = (torch.zeros(*s, **i64) for s in ((B,), (3, B), (B,)))
         self.tiles, self.cq, self.table = (torch.zeros(*s, **i32) for s in ((2, B), (3, B), (B, W)))
-        self.logits, self.replay = None, None
+        self.out, self.replay = None, None
 
     def load(self, ids, pos, slots, tiles, cq, table) -> None:
         pairs = (self.ids, ids), (self.pos, pos), (self.slots, slots), (self.tiles, tiles), (self.cq, cq)
@@ -56,13 +57,13 @@ def table_width(blocks: int) -> int:
 
 
 class DecodeGraphs:
-    """`run(ids, pos, slots, meta)` -> logits (B, V): the captured forward of a padded decode-only step.
+    """`run(ids, pos, slots, meta)` -> (B, D): the captured forward of a padded decode-only step.
     `forward(ids, pos, slots, meta)` is the engine's model work on the static buffers; `capture(fn)` ->
     (replay, output): `cuda_capture` on CUDA, `record_capture` elsewhere (tests)."""
 
     def __init__(self, forward, pool, capture=None):
         self.forward, self.pool = forward, pool
-        if capture is None:     # one memory pool for all: a replay's logits are read before the next replay
+        if capture is None:     # one memory pool for all: a replay's output is read before the next replay
             handle = torch.cuda.graph_pool_handle()
             capture = lambda fn: cuda_capture(fn, handle)  # noqa: E731
         self.capture = capture
@@ -80,14 +81,14 @@ class DecodeGraphs:
             g = _Graph(*key, ids.device)
             g.load(ids, pos, slots, tiles, cq, table)
             meta = _StaticMeta(self.pool, g.tiles, g.cq, g.table)
-            g.replay, g.logits = self.capture(lambda: self.forward(g.ids, g.pos, g.slots, meta))
+            g.replay, g.out = self.capture(lambda: self.forward(g.ids, g.pos, g.slots, meta))
             self.graphs[key] = g
             self.captures += 1
         else:
             g.load(ids, pos, slots, tiles, cq, table)
         g.replay()
         self.replays += 1
-        return g.logits
+        return g.out
 
 
 def cuda_capture(fn, pool=None):

@@ -267,14 +267,17 @@ class EngineStep:
         return DecodeGraphs(self._static_forward, self.pool, capture=self.GRAPH_CAPTURE)
 
     def _static_forward(self, ids_B, pos_3B, slots_B, meta):
-        """What a decode graph captures: embeddings, the packed forward, the float32 logits of all B rows."""
+        """What a decode graph captures: embeddings and the packed forward of all B rows, hidden states (B, D).
+        The lm_head runs outside, on the sampled rows only: a graph's (B, V) logits would stay allocated, 156 MB
+        in float32 at B = 256 for Qwen2.5-VL's vocabulary, per captured bucket."""
         x_BD = modeling.inner(self.model).get_input_embeddings()(ids_B)
-        return modeling.lm_head(self.model)(self.packed(x_BD, pos_3B, slots_B, meta)).float()
+        return self.packed(x_BD, pos_3B, slots_B, meta)
 
     def _graph_forward(self, ids_B, pos_3B, slots_B, meta, head_rows):
         """`_forward` of a padded decode-only step through its captured graph: the sampled rows' logits."""
         t0 = time.perf_counter()
-        logits_NV = self._graphs.run(ids_B, pos_3B, slots_B, meta).index_select(0, head_rows)
+        hidden_ND = self._graphs.run(ids_B, pos_3B, slots_B, meta).index_select(0, head_rows)
+        logits_NV = modeling.lm_head(self.model)(hidden_ND).float()
         self.stats["model_s"] += time.perf_counter() - t0
         self.stats["steps"] += 1
         self.stats["graph_steps"] = self._graphs.replays
