@@ -267,9 +267,9 @@ class EngineStep:
         return DecodeGraphs(self._static_forward, self.pool, capture=self.GRAPH_CAPTURE)
 
     def _static_forward(self, ids_B, pos_3B, slots_B, meta):
-        """What a decode graph captures: embeddings and the packed forward of all B rows, hidden states (B, D).
-        The lm_head runs outside, on the sampled rows only: a graph's (B, V) logits would stay allocated, 156 MB
-        in float32 at B = 256 for Qwen2.5-VL's vocabulary, per captured bucket."""
+        """What a decode graph captures: embeddings and the packed forward of all B rows: hidden (B, D). The
+        lm_head runs outside, on the sampled rows only: a graph's (B, V) logits would stay allocated (156 MB
+        in float32 at B = 256 for Qwen2.5-VL's vocabulary) per captured bucket."""
         x_BD = modeling.inner(self.model).get_input_embeddings()(ids_B)
         return self.packed(x_BD, pos_3B, slots_B, meta)
 
