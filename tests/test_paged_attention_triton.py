@@ -198,3 +198,12 @@ def test_triton_kernel_on_cuda_within_twice_sdpa_error(dtype):
         err = (out.double().cpu() - want).abs().max().item()
         base_err = (base.double().cpu() - want).abs().max().item()
         assert err <= 2 * base_err + torch.finfo(dtype).eps, (Hq, Hkv, D, seed, err, base_err)
+
+
+def test_triton_attention_on_the_cpu_says_it_runs_the_reference(tiny_dir):  # noqa: F811
+    from videocom_fast.models import load
+    from videocom_fast.rollout import RolloutEngine
+    model, proc = load(tiny_dir, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="SDPA reference, a test path"):
+        eng = RolloutEngine(model, proc, attention="triton")
+    assert eng.attn_backend == "triton"

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -291,6 +292,11 @@ def pick_backend(choice: str, device, dtype, head_dim: int, block_size: int | No
         return "flash"
     if cpp_ok and choice in ("auto", "cpp"):
         return "cpp"
+    on_cpu = torch.device(device).type == "cpu"
+    if choice == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        warnings.warn("attention='triton' on the CPU runs the op's SDPA reference, a test path (the fast CPU "
+                      "attention is 'cpp'; the Triton kernel runs on CUDA, or under TRITON_INTERPRET=1)",
+                      stacklevel=3)
     return "triton" if choice == "triton" or choice == "auto" and triton_available(device) else "sdpa"
 
 
