@@ -67,12 +67,18 @@ if triton is not None:
         return c, m0, q_len, tl.load(cq_ptr + 2 * C + c), r, rows, heads, (r < q_len) & (gi < G)
 
     @triton.jit
+    def _partials(ws_ptr, s, T, M: tl.constexpr, DP: tl.constexpr):
+        """Where split s of this program's (tile, kv head) keeps its partial state: m (M,), l (M,), then the
+        unnormalized output (M, DP), float32."""
+        slot = (s * T + tl.program_id(0)) * tl.num_programs(1) + tl.program_id(1)
+        return ws_ptr + slot.to(tl.int64) * (M * (DP + 2))
+
+    @triton.jit
     def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_ptr, tiles_ptr, cq_ptr, table_ptr, T, C,
                                 max_blocks, sq_l, sq_h, sk_r, sk_h, so_l, so_h, scale,
                                 G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
                                 D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
                                 SPLITS: tl.constexpr):
-        t = tl.program_id(0)
         h = tl.program_id(1)
         c, m0, q_len, ctx, r, rows, heads, row_ok = _tile(tiles_ptr, cq_ptr, T, C, G, GP, R)
         M: tl.constexpr = R * GP
@@ -117,9 +123,8 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        if SPLITS > 1:    # partials (m, l, unnormalized acc) of split s at ws[((s * T + t) * Hkv + h)]
-            slot = (tl.program_id(2) * T + t) * tl.num_programs(1) + h
-            base = ws_ptr + slot.to(tl.int64) * (M * (DP + 2))
+        if SPLITS > 1:
+            base = _partials(ws_ptr, tl.program_id(2), T, M, DP)
             tl.store(base + i, m_i)
             tl.store(base + M + i, l_i)
             tl.store(base + 2 * M + i[:, None] * DP + d[None, :], acc)
@@ -133,24 +138,21 @@ if triton is not None:
                                G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                                DP: tl.constexpr, SPLITS: tl.constexpr):
         """out = the splits' partials merged: flash-decoding's reduction (a program per tile and kv head)."""
-        t = tl.program_id(0)
-        h = tl.program_id(1)
         _, _, _, _, _, rows, heads, row_ok = _tile(tiles_ptr, cq_ptr, T, C, G, GP, R)
         M: tl.constexpr = R * GP
         i = tl.arange(0, M)
         d = tl.arange(0, DP)
-        stride = tl.num_programs(1).to(tl.int64) * T * (M * (DP + 2))       # one split's partials
-        base = ws_ptr + (t * tl.num_programs(1) + h).to(tl.int64) * (M * (DP + 2))
         m = tl.full([M], float("-inf"), tl.float32)
         for s in range(SPLITS):
-            m = tl.maximum(m, tl.load(base + s * stride + i))
+            m = tl.maximum(m, tl.load(_partials(ws_ptr, s, T, M, DP) + i))
         m_use = tl.where(m == float("-inf"), 0.0, m)
         l_sum = tl.zeros([M], tl.float32)
         acc = tl.zeros([M, DP], tl.float32)
         for s in range(SPLITS):
-            w = tl.exp(tl.load(base + s * stride + i) - m_use)      # 0 for a split that saw no key
-            l_sum += w * tl.load(base + s * stride + M + i)
-            acc += w[:, None] * tl.load(base + s * stride + 2 * M + i[:, None] * DP + d[None, :])
+            base = _partials(ws_ptr, s, T, M, DP)
+            w = tl.exp(tl.load(base + i) - m_use)      # 0 for a split that saw no key
+            l_sum += w * tl.load(base + M + i)
+            acc += w[:, None] * tl.load(base + 2 * M + i[:, None] * DP + d[None, :])
         out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
         tl.store(o_ptr + rows[:, None] * so_l + heads[:, None] * so_h + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (d < D)[None, :])

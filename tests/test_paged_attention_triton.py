@@ -77,19 +77,27 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def _nan_pool(seed, g, Hkv, D, lens, blocks, dtype=torch.float32, device="cpu", bs=16):
+    """(pool, block tables): a pool whose every row holds NaN but the first lens[i] rows of sequence i (random
+    K/V from `g`), each sequence on shuffled blocks."""
+    pool = PagedKVPool(1, blocks, bs, Hkv, D, dtype=dtype, device=device, layout="standard",
+                       fill=float("nan"))
+    free = list(range(blocks))
+    random.Random(seed).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // bs))] for n in lens]
+    for t, n in zip(tables, lens):
+        k, v = (torch.randn(n, Hkv, D, generator=g).to(device, dtype) for _ in range(2))
+        pool.write(0, pool.slots(t, 0, n).to(device), k, v)
+    return pool, tables
+
+
 def _poisoned_and_strided(seed):
     """Unwritten pool rows hold NaN; q is a strided view of QKV rows; the output equals the SDPA reference's
     on the same metadata (which gathers only up to each context)."""
     g = torch.Generator().manual_seed(seed)
-    Hq, Hkv, D, bs = 4, 2, 32, 16
+    Hq, Hkv, D = 4, 2, 32
     lens, starts = [45, 3, 70], [44, 0, 50]
-    pool = PagedKVPool(1, 16, bs, Hkv, D, layout="standard", fill=float("nan"))
-    free = list(range(16))
-    random.Random(seed).shuffle(free)
-    tables = [[free.pop() for _ in range(-(-n // bs))] for n in lens]
-    for t, n in zip(tables, lens):
-        k, v = (torch.randn(n, Hkv, D, generator=g) for _ in range(2))
-        pool.write(0, pool.slots(t, 0, n), k, v)
+    pool, tables = _nan_pool(seed, g, Hkv, D, lens, 16)
     q_lens = [n - s for n, s in zip(lens, starts)]
     L = sum(q_lens)
     qkv = torch.randn(L, (Hq + 2 * Hkv) * D, generator=g)
@@ -111,13 +119,7 @@ def _split_keys(seed):
     g = torch.Generator().manual_seed(seed)
     Hq, Hkv, D, bs = 6, 2, 24, 16
     ctxs = [1, 16, 17, 300, 64, 65]
-    pool = PagedKVPool(1, 40, bs, Hkv, D, layout="standard", fill=float("nan"))
-    free = list(range(40))
-    random.Random(seed).shuffle(free)
-    tables = [[free.pop() for _ in range(-(-n // bs))] for n in ctxs]
-    for t, n in zip(tables, ctxs):
-        k, v = (torch.randn(n, Hkv, D, generator=g) for _ in range(2))
-        pool.write(0, pool.slots(t, 0, n), k, v)
+    pool, tables = _nan_pool(seed, g, Hkv, D, ctxs, 40, bs=bs)
     q = torch.randn(len(ctxs), Hq, D, generator=g)
     meta = attn.PagedBatch(pool, list(range(len(ctxs))), [1] * len(ctxs), ctxs, tables, backend="triton")
     tiles, cq, table, rows = meta.triton_meta("cpu")
@@ -176,15 +178,7 @@ def test_triton_kernel_on_cuda_within_twice_sdpa_error(dtype):
              ((28, 4, 128), [2300, 1, 900, 17], [2299, 0, 899, 16]),
              ((6, 2, 24), [33, 700], [32, 699])]
     for (Hq, Hkv, D), lens, starts in cases:    # mixed steps, and decode-only steps (their keys split)
-        bs = 16
-        pool = PagedKVPool(1, 400, bs, Hkv, D, dtype=dtype, device="cuda", layout="standard",
-                           fill=float("nan"))
-        free = list(range(400))
-        random.Random(seed).shuffle(free)
-        tables = [[free.pop() for _ in range(-(-n // bs))] for n in lens]
-        for t, n in zip(tables, lens):
-            k, v = (torch.randn(n, Hkv, D, generator=g).to("cuda", dtype) for _ in range(2))
-            pool.write(0, pool.slots(t, 0, n).cuda(), k, v)
+        pool, tables = _nan_pool(seed, g, Hkv, D, lens, 400, dtype, "cuda")
         q_lens = [n - s for n, s in zip(lens, starts)]
         q = torch.randn(sum(q_lens), Hq, D, generator=g).to("cuda", dtype)
         q_starts = list(np.cumsum([0] + q_lens[:-1]))

@@ -136,11 +136,7 @@ class PagedBatch:
             cu = np.zeros((2, len(self.q_lens) + 1), dtype=np.int32)
             np.cumsum(self.q_lens, out=cu[0, 1:])
             np.cumsum(self.ctx_lens, out=cu[1, 1:])
-            nb = [nblk(i) for i in range(len(self.q_lens))]
-            table = np.zeros((len(nb), max(nb)), dtype=np.int32)   # padded with block 0, never read (seqlen_k)
-            for r, k in enumerate(nb):
-                table[r, :k] = self.table(r)[:k]
-            out = [("cu_q", cu[0]), ("cu_k", cu[1]), ("table", table)]
+            out = [("cu_q", cu[0]), ("cu_k", cu[1]), ("table", self._padded_table())]   # padding: seqlen_k
         elif self.backend == "triton":
             out = self._triton_layout()
         else:   # SDPA: every chunk of that backend, and those the C++ backend leaves to it (CPP_MAX_QUERY_ROWS)
@@ -168,13 +164,18 @@ class PagedBatch:
         chunk = np.repeat(np.arange(len(q)), per)
         tiles = np.stack([chunk, (np.arange(len(chunk)) - first[chunk]) * R]).astype(np.int32)
         cq = np.stack([np.asarray(self.q_starts, dtype=np.int64), q, ctx]).astype(np.int32)
-        nb = -(-ctx // self.pool.block_size)
-        table = np.zeros((len(q), int(nb.max(initial=1))), dtype=np.int32)
+        return [("tiles", tiles), ("cq", cq), ("table", self._padded_table())]
+
+    def _padded_table(self) -> np.ndarray:
+        """int32 (C, max blocks): each chunk's first ceil(ctx / BS) block ids, padded with block 0 (flash-attn
+        and the Triton kernel bound their reads by the context, so the padding is never read)."""
+        nb = -(-np.asarray(self.ctx_lens, dtype=np.int64) // self.pool.block_size)
+        table = np.zeros((len(nb), int(nb.max(initial=1))), dtype=np.int32)
         off, ids = self.csr
-        row = np.repeat(np.arange(len(q)), nb)
+        row = np.repeat(np.arange(len(nb)), nb)
         col = np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)
         table[row, col] = ids[off[:-1][row] + col]
-        return [("tiles", tiles), ("cq", cq), ("table", table)]
+        return table
 
     def staged_size(self) -> int:
         """int64 slots the device metadata takes in the engine step's staging buffer (each array rounded up to
@@ -349,24 +350,21 @@ def paged_attention_ref(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_pe
         out[qs:qs + n] = _sdpa(q[qs:qs + n].transpose(0, 1)[None], k, v, mask, scale)[0].transpose(0, 1)
 
 
-def _paged_attention_cpu(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile):
-    if os.environ.get("TRITON_INTERPRET") == "1":   # the kernel itself, interpreted (the tests)
-        from videocom_fast.kernels.paged_attention import paged_attention as kernel
-        kernel(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile)
-    else:
-        paged_attention_ref(q, k_pool, v_pool, out, tiles, cq, table, scale)
-
-
-def _paged_attention_cuda(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile):
+def _paged_attention_kernel(*args):
     from videocom_fast.kernels.paged_attention import paged_attention as kernel
-    kernel(q, k_pool, v_pool, out, tiles, cq, table, scale, rows_per_tile)
+    kernel(*args)
+
+
+def _paged_attention_cpu(*args):
+    # the kernel itself when interpreted (the tests), else the reference
+    (_paged_attention_kernel if os.environ.get("TRITON_INTERPRET") == "1" else paged_attention_ref)(*args)
 
 
 _lib = torch.library.Library("videocom", "FRAGMENT")
 _lib.define("paged_attention_(Tensor q, Tensor k_pool, Tensor v_pool, Tensor(a!) out, Tensor tiles, "
             "Tensor cq, Tensor table, float scale, int rows_per_tile) -> ()")
 _lib.impl("paged_attention_", _paged_attention_cpu, "CPU")
-_lib.impl("paged_attention_", _paged_attention_cuda, "CUDA")
+_lib.impl("paged_attention_", _paged_attention_kernel, "CUDA")
 _lib.impl("paged_attention_", lambda *args: None, "Meta")
 
 

@@ -121,8 +121,9 @@ class EngineStep:
         if self.step_impl == "unfused":
             return self._step_unfused(a)
         rows = self._chunk_rows(a)
-        decode_only = not a.is_prefill.any()
+        decode_only = False     # read only when padding (graphs pad too): a per-step array scan otherwise
         if self.PAD_DECODES or self.CUDA_GRAPHS:
+            decode_only = not a.is_prefill.any()
             rows = self._pad_decodes(rows, decode_only)
         ids, pos, slots, q_starts, q_lens, ctx, media_rows, tables = rows
         smp = np.flatnonzero(a.samples)                       # the sampling chunks, in chunk order
