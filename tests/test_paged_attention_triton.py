@@ -201,3 +201,22 @@ def test_triton_attention_on_the_cpu_says_it_runs_the_reference(tiny_dir):  # no
     with pytest.warns(UserWarning, match="SDPA reference, a test path"):
         eng = RolloutEngine(model, proc, attention="triton")
     assert eng.attn_backend == "triton"
+
+
+def test_kernel_entry_refuses_bad_arguments_by_name():
+    """Checked before any launch (no GPU or interpreter needed): shapes, metadata dtypes, the tile rows."""
+    K = pytest.importorskip("videocom_fast.kernels.paged_attention")
+    if K.triton is None:
+        pytest.skip("triton is not importable")
+    pool = PagedKVPool(1, 4, 16, 2, 8, layout="standard")
+    q, out = torch.zeros(3, 4, 8), torch.zeros(3, 4, 8)
+    i32 = lambda *s: torch.zeros(*s, dtype=torch.int32)  # noqa: E731
+    args = (i32(2, 3), i32(3, 3), i32(3, 1), 0.1, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        K.paged_attention(torch.zeros(3, 3, 8), pool.k[0], pool.v[0], out, *args)   # 3 heads, 2 kv heads
+    with pytest.raises(ValueError, match="metadata must be int32"):
+        K.paged_attention(q, pool.k[0], pool.v[0], out, i32(2, 3).long(), *args[1:])
+    with pytest.raises(ValueError, match="rows_per_tile must be 1 or 16"):
+        K.paged_attention(q, pool.k[0], pool.v[0], out, *args[:4], 4)
+    with pytest.raises(ValueError, match="unit stride in D"):
+        K.paged_attention(q.transpose(1, 2).contiguous().transpose(1, 2), pool.k[0], pool.v[0], out, *args)
